@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The test command: on a machine with only Python it creates .venv, installs PyTorch (the
+# pinned CPU build 2.13.0 when no torch is importable) and the project with its dev extra,
+# then runs pytest. Extra arguments go to pytest (e.g. `-m "not slow"` for the quick subset).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    "$PY" -m pip install -q "torch==2.13.0"
+fi
+"$PY" -m pip install -q -e ".[dev]"
+
+set +e
+"$PY" -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "launch/test.sh: pytest collected no tests; that is a failure." >&2
+    exit 1
+fi
+exit "$rc"

@@ -1,0 +1,75 @@
+"""``load_pretrained``: one entry point for every checkpoint layout."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import hf, lightning
+from model.checkpoint.keys import check_and_load, strip_prefix
+from model.config import ModelConfig, check_field_names
+from model.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def load_pretrained(path_or_hub_id, use_ema: bool = True, device=None, revision=None,
+                    **overrides):
+    """Returns a ready ``Diffusion`` model (in eval mode) from a checkpoint.
+
+    Accepts an HF directory or hub id in the ``kuleshov-group/mdlm-owt`` layout, or a
+    Lightning ``.ckpt`` of the MDLM release. ``overrides`` are ModelConfig fields
+    (``time_conditioning=True``, ``parameterization='sedd'``, ``T=1000`` ...) and win over
+    what the checkpoint records. ``use_ema=False`` loads the raw weights of a ``.ckpt``
+    instead of its EMA (``eval.disable_ema=True``).
+    """
+    from model.diffusion import Diffusion
+
+    check_field_names(overrides)
+    path = Path(str(path_or_hub_id)).expanduser()
+    if path.is_file():
+        values, state, used_ema = lightning.read(path, use_ema)
+        source = f"checkpoint {path}"
+    elif hf.is_hf_dir(path):
+        values, state, used_ema = _read_hf(path)
+        source = f"HF directory {path}"
+    elif path.exists():
+        raise CheckpointError(
+            f"{path} is neither a .ckpt file nor a directory with config.json; point it at "
+            "a Lightning checkpoint or an HF-layout model directory."
+        )
+    elif _looks_like_hub_id(str(path_or_hub_id)):
+        directory = hf.download(str(path_or_hub_id), revision)
+        values, state, used_ema = _read_hf(directory)
+        source = f"hub model {path_or_hub_id}"
+    else:
+        raise CheckpointError(
+            f"{path_or_hub_id!r} does not exist and is not a hub id like 'org/name'; "
+            "check the path."
+        )
+    values.update(overrides)
+    config = ModelConfig.from_dict(values)
+    model = Diffusion(config)
+    check_and_load(model.backbone, state, source)
+    log.info("loaded %s (%s weights)", source, "EMA" if used_ema else "raw")
+    model.eval()
+    if device is not None:
+        model.to(torch.device(device))
+    return model
+
+
+def _read_hf(directory: Path) -> tuple[dict, dict, bool]:
+    values = hf.read_config(directory)
+    state = strip_prefix(hf.read_weights(directory))
+    if not state:
+        raise CheckpointError(
+            f"{directory} holds no 'backbone.*' weights; it is not in the mdlm-owt layout."
+        )
+    return values, state, False

@@ -1,0 +1,136 @@
+"""The diffusion transformer (DiT) backbone of MDLM, SEDD and D3PM.
+
+Architecturally identical to the released MDLM DiT: its state dict loads here as it is.
+``DIT(indices, sigma)`` returns float32 logits of shape (batch, length, vocab).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.attention import attention, resolve_backend
+from model.config import ModelConfig
+from model.layers import (
+    EmbeddingLayer,
+    LayerNorm,
+    Rotary,
+    TimestepEmbedder,
+    apply_rotary,
+    autocast_dtype,
+    mlp,
+    modulate,
+)
+
+
+class DDiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN shift/scale/gate for attention and MLP."""
+
+    def __init__(self, dim: int, n_heads: int, cond_dim: int, dropout: float = 0.1,
+                 causal: bool = False):
+        super().__init__()
+        self.n_heads = n_heads
+        self.causal = causal
+        self.dropout = dropout
+        self.norm1 = LayerNorm(dim)
+        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = mlp(dim)
+        self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim, bias=True)
+        self.adaLN_modulation.weight.data.zero_()
+        self.adaLN_modulation.bias.data.zero_()
+        self.attn_backend = "sdpa"
+
+    def _attend(self, x, cos, sin):
+        qkv = self.attn_qkv(x)
+        qkv = qkv.view(*qkv.shape[:2], 3, self.n_heads, -1)
+        qkv = apply_rotary(qkv, cos, sin)
+        return self.attn_out(attention(qkv, self.causal, self.attn_backend))
+
+    def forward(self, x, cos, sin, c):
+        (shift_msa, scale_msa, gate_msa,
+         shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        h = self._attend(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin)
+        x = x + gate_msa * F.dropout(h, p=self.dropout, training=self.training)
+        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp * F.dropout(h, p=self.dropout, training=self.training)
+
+
+class DDitFinalLayer(nn.Module):
+    """LayerNorm, adaLN shift/scale, then a float32 Linear to the vocabulary."""
+
+    def __init__(self, hidden_size: int, out_channels: int, cond_dim: int):
+        super().__init__()
+        self.norm_final = LayerNorm(hidden_size)
+        self.linear = nn.Linear(hidden_size, out_channels)
+        self.linear.weight.data.zero_()
+        self.linear.bias.data.zero_()
+        self.adaLN_modulation = nn.Linear(cond_dim, 2 * hidden_size, bias=True)
+        self.adaLN_modulation.weight.data.zero_()
+        self.adaLN_modulation.bias.data.zero_()
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
+        x = modulate(self.norm_final(x), shift.float(), scale.float())
+        return float32_linear(self.linear, x)
+
+
+def float32_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.linear(x.float(), linear.weight.float(), linear.bias.float())
+
+
+def mixed_precision(config: ModelConfig, device: torch.device):
+    dtype = autocast_dtype(config.autocast, device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def as_sigma(sigma, batch: int, device: torch.device, time_conditioning: bool) -> torch.Tensor:
+    """Normalises sigma to shape (batch,); zero when the model is not time conditioned."""
+    if sigma is None or not time_conditioning:
+        return torch.zeros(batch, device=device)
+    sigma = torch.as_tensor(sigma, device=device, dtype=torch.float32)
+    if sigma.ndim == 0:
+        return sigma.expand(batch)
+    return sigma.reshape(batch)
+
+
+class DIT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.vocab_embed = EmbeddingLayer(config.hidden_size, config.vocab_size)
+        self.sigma_map = TimestepEmbedder(config.cond_dim)
+        self.rotary_emb = Rotary(config.hidden_size // config.n_heads)
+        self.blocks = nn.ModuleList(
+            DDiTBlock(config.hidden_size, config.n_heads, config.cond_dim, config.dropout)
+            for _ in range(config.n_blocks)
+        )
+        self.output_layer = DDitFinalLayer(config.hidden_size, config.vocab_size,
+                                           config.cond_dim)
+
+    def forward(self, indices: torch.Tensor, sigma=None) -> torch.Tensor:
+        device = indices.device
+        set_attn_backend(self.blocks, self.config.attn_backend, device)
+        sigma = as_sigma(sigma, indices.shape[0], device, self.config.time_conditioning)
+        x = self.vocab_embed(indices)
+        c = F.silu(self.sigma_map(sigma))
+        cos, sin = self.rotary_emb(indices.shape[1], device)
+        with mixed_precision(self.config, device):
+            for block in self.blocks:
+                x = block(x, cos, sin, c)
+            return self.output_layer(x, c)
+
+
+def set_attn_backend(blocks: nn.ModuleList, requested: str, device: torch.device) -> None:
+    backend = resolve_backend(requested, device)
+    if blocks[0].attn_backend != backend:
+        for block in blocks:
+            block.attn_backend = backend

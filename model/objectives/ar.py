@@ -1,0 +1,10 @@
+"""Autoregressive next-token cross entropy."""
+
+from __future__ import annotations
+
+import torch
+
+
+def ar_loss(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(x_{i+1} | x_{<=i}) per position; ``log_probs`` from the causal network."""
+    return -torch.gather(log_probs, -1, targets[:, :, None]).squeeze(-1)

@@ -1,0 +1,40 @@
+"""D3PM (absorbing state) parameterization and the discrete-time bound, shared with SUBS."""
+
+from __future__ import annotations
+
+import torch
+
+from model.objectives.subs import NEG_INFINITY
+
+
+def d3pm_parameterization(logits: torch.Tensor, mask_index: int,
+                          subs_masking: bool) -> torch.Tensor:
+    """Log-softmax over the full vocabulary; with ``subs_masking`` [MASK] gets no mass."""
+    if subs_masking:
+        logits[:, :, mask_index] += NEG_INFINITY
+    return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
+def discrete_time_loss(log_p: torch.Tensor, xt: torch.Tensor, x0: torch.Tensor,
+                       t: torch.Tensor, T: int, mask_index: int) -> torch.Tensor:
+    """T-step bound at masked positions, with a_t = 1 - t, s = t - 1/T and p_m the model's
+    probability of [MASK]:
+
+    T [ (dt/t)(log(a_t p_m/t + 1) - log p(x0)) + (1 - dt/t)(log(a_t p_m/t + 1)
+        - log(a_s p_m/s + 1)) ].
+    """
+    dt = 1 / T
+    t = t[:, None].clamp(0.0, 1.0 - 1e-4)
+    alpha_t = 1 - t + torch.zeros_like(xt)
+    alpha_s = 1 - (t - dt) + torch.zeros_like(xt)
+    log_p_x0 = torch.gather(log_p, -1, x0[:, :, None]).squeeze(-1)
+    p_mask = log_p[:, :, mask_index].exp()
+    term_1_log_nr = torch.log(alpha_t * p_mask / t + 1)
+    term_2_log_dr = torch.log(alpha_s * p_mask / (t - dt) + 1)
+    loss = (dt / t) * (term_1_log_nr - log_p_x0) + (1 - dt / t) * (term_1_log_nr - term_2_log_dr)
+    return T * loss * (xt == mask_index)
+
+
+def reconstruction_loss(log_p_at_zero: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """-log p_theta(x0 | x0, t = 0) at every position (the D3PM reconstruction term)."""
+    return -torch.gather(log_p_at_zero, -1, x0[:, :, None]).squeeze(-1)

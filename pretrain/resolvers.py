@@ -1,0 +1,70 @@
+"""OmegaConf resolvers used by the run config (the names the MDLM release's configs use)."""
+
+from __future__ import annotations
+
+import ast
+import operator
+import os
+
+from omegaconf import OmegaConf
+
+_OPS = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+    ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+    ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos,
+}
+
+
+def arithmetic(expression) -> float | int:
+    """Evaluates an arithmetic expression of numbers (the release's ``${eval:...}``)."""
+    if not isinstance(expression, str):
+        return expression
+
+    def walk(node):
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](walk(node.left), walk(node.right))
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](walk(node.operand))
+        raise ValueError(
+            f"${{eval:{expression}}} is not plain arithmetic; only numbers and + - * / // % ** "
+            "are allowed in config expressions."
+        )
+
+    value = walk(ast.parse(expression, mode="eval"))
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def device_count() -> int:
+    """Accelerators on this node (at least 1: a CPU run counts as one device)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return max(torch.cuda.device_count(), 1)
+    except ImportError:
+        pass
+    return 1
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def register() -> None:
+    resolvers = {
+        "cwd": os.getcwd,
+        "device_count": device_count,
+        "cpu_count": cpu_count,
+        "eval": arithmetic,
+        "div_up": lambda x, y: (int(x) + int(y) - 1) // int(y),
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
