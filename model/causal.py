@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.config import ModelConfig
 from model.attention import attention
+from model.config import ModelConfig
 from model.dit import float32_linear, mixed_precision, set_attn_backend
 from model.layers import EmbeddingLayer, LayerNorm, Rotary, apply_rotary, mlp
 

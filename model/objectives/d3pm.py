@@ -30,7 +30,11 @@ def discrete_time_loss(log_p: torch.Tensor, xt: torch.Tensor, x0: torch.Tensor,
     log_p_x0 = torch.gather(log_p, -1, x0[:, :, None]).squeeze(-1)
     p_mask = log_p[:, :, mask_index].exp()
     term_1_log_nr = torch.log(alpha_t * p_mask / t + 1)
-    term_2_log_dr = torch.log(alpha_s * p_mask / (t - dt) + 1)
+    # At the first grid point (s = 0) the second term has weight 1 - dt/t = 0; keep it from
+    # turning into 0 * log(0/0) = NaN.
+    first = t - dt <= 0
+    s = torch.where(first, torch.ones_like(t), t - dt)
+    term_2_log_dr = torch.where(first, term_1_log_nr, torch.log(alpha_s * p_mask / s + 1))
     loss = (dt / t) * (term_1_log_nr - log_p_x0) + (1 - dt / t) * (term_1_log_nr - term_2_log_dr)
     return T * loss * (xt == mask_index)
 

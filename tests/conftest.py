@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+from model import ModelConfig
+
+
+def tiny_config(**changes) -> ModelConfig:
+    """A 2-block model small enough for exhaustive checks on CPU."""
+    values = dict(vocab_size=23, mask_index=22, length=12, hidden_size=32, cond_dim=16,
+                  n_blocks=2, n_heads=2, dropout=0.0)
+    values.update(changes)
+    return ModelConfig(**values)
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Fills every parameter with noise so that zero-initialised layers carry signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(1234)
