@@ -8,7 +8,7 @@ from model.config import ModelConfig, from_run_config
 from model.diffusion import Diffusion, Loss, build_backbone
 from model.errors import CheckpointError, ConfigError
 from model.noise import get_noise
-from model.vocab import mask_and_vocab
+from model.vocab import mask_and_vocab, tokenizer_ids
 
 __all__ = [
     "CheckpointError",
@@ -22,4 +22,5 @@ __all__ = [
     "load_pretrained",
     "mask_and_vocab",
     "save_pretrained",
+    "tokenizer_ids",
 ]

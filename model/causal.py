@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from model.attention import attention
 from model.config import ModelConfig
-from model.dit import float32_linear, mixed_precision, set_attn_backend
+from model.dit import mixed_precision, set_attn_backend
 from model.layers import EmbeddingLayer, LayerNorm, Rotary, apply_rotary, mlp
 
 MASK_LOGIT = -1000.0  # the value the reference AR network writes at the [MASK] logit
@@ -50,7 +50,7 @@ class CausalFinalLayer(nn.Module):
         self.linear.bias.data.zero_()
 
     def forward(self, x):
-        return float32_linear(self.linear, self.norm_final(x))
+        return self.linear(self.norm_final(x)).float()
 
 
 class CausalTransformer(nn.Module):

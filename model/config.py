@@ -152,13 +152,24 @@ def check_field_names(values: dict) -> None:
             raise ConfigError(f"{key!r} is not a model setting{hint}")
 
 
+# run config ``backbone`` -> network (hf_dit: the DiT, loaded from eval.checkpoint_path)
+RUN_BACKBONES = {"dit": "dit", "hf_dit": "dit", "ar": "ar"}
+
+
 def from_run_config(cfg, vocab_size: int, mask_index: int, **extra) -> ModelConfig:
-    """Builds a ModelConfig from the Hydra run config (release key names)."""
+    """Builds a ModelConfig from the Hydra run config (release key names).
+
+    ``vocab_size``, ``mask_index`` (and ``bos_index``/``eos_index`` in ``extra``) come from
+    the tokenizer: see ``model.vocab.tokenizer_ids``.
+    """
     m = cfg.model
     training = cfg.get("training", {})
     noise = dict(cfg.get("noise", {"type": "loglinear"}))
+    if cfg.backbone not in RUN_BACKBONES:
+        raise ConfigError(f"backbone={cfg.backbone} is not supported; use one of "
+                          f"{sorted(RUN_BACKBONES)}.")
     values = dict(
-        backbone="ar" if cfg.backbone == "ar" else "dit",
+        backbone=RUN_BACKBONES[cfg.backbone],
         parameterization=cfg.parameterization,
         vocab_size=vocab_size,
         mask_index=mask_index,

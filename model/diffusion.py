@@ -17,7 +17,7 @@ from model import objectives as obj
 from model.causal import CausalTransformer
 from model.config import ModelConfig
 from model.dit import DIT, as_sigma
-from model.noise import get_noise
+from model.noise import get_noise, log_masking_bounds
 
 
 @dataclass
@@ -83,13 +83,12 @@ class Diffusion(nn.Module):
             t = obj.discretize(t, self.T)
         if self.config.change_of_variables:
             conditioning = t
-            f_T = torch.log1p(-torch.exp(-torch.as_tensor(self.noise.sigma_max)))
-            f_0 = torch.log1p(-torch.exp(-torch.as_tensor(self.noise.sigma_min)))
+            f_T, f_0 = log_masking_bounds(self.noise, t)
             move_chance = torch.exp(f_0 + t * (f_T - f_0))[:, None]
         else:
             sigma, dsigma = self.noise(t)
             conditioning = sigma
-            move_chance = -torch.expm1(-sigma)[:, None]
+            move_chance = 1 - torch.exp(-sigma[:, None])
         xt = obj.q_xt(x0, move_chance, self.mask_index, generator)
         out = self.forward(xt, conditioning)
 

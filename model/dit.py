@@ -1,7 +1,10 @@
 """The diffusion transformer (DiT) backbone of MDLM, SEDD and D3PM.
 
 Architecturally identical to the released MDLM DiT: its state dict loads here as it is.
-``DIT(indices, sigma)`` returns float32 logits of shape (batch, length, vocab).
+``DIT(indices, sigma)`` returns float32 logits of shape (batch, length, vocab). Under
+mixed precision (``model.autocast``, bf16 on CUDA by default) the blocks and the output
+projection run in bf16 exactly where the release's do; LayerNorm, the time embedding and
+rotary embedding are computed in float32.
 """
 
 from __future__ import annotations
@@ -75,13 +78,9 @@ class DDitFinalLayer(nn.Module):
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-        x = modulate(self.norm_final(x), shift.float(), scale.float())
-        return float32_linear(self.linear, x)
-
-
-def float32_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        return F.linear(x.float(), linear.weight.float(), linear.bias.float())
+        # Under autocast the projection runs in the autocast dtype, as in the release; the
+        # logits are returned in float32.
+        return self.linear(modulate(self.norm_final(x), shift, scale)).float()
 
 
 def mixed_precision(config: ModelConfig, device: torch.device):
@@ -93,8 +92,11 @@ def mixed_precision(config: ModelConfig, device: torch.device):
 
 def as_sigma(sigma, batch: int, device: torch.device, time_conditioning: bool) -> torch.Tensor:
     """Normalises sigma to shape (batch,); zero when the model is not time conditioned."""
-    if sigma is None or not time_conditioning:
+    if not time_conditioning:
         return torch.zeros(batch, device=device)
+    if sigma is None:
+        raise ValueError("this model is time conditioned: pass sigma (the total noise of "
+                         "each sequence) to its forward.")
     sigma = torch.as_tensor(sigma, device=device, dtype=torch.float32)
     if sigma.ndim == 0:
         return sigma.expand(batch)
@@ -121,7 +123,8 @@ class DIT(nn.Module):
         set_attn_backend(self.blocks, self.config.attn_backend, device)
         sigma = as_sigma(sigma, indices.shape[0], device, self.config.time_conditioning)
         x = self.vocab_embed(indices)
-        c = F.silu(self.sigma_map(sigma))
+        with torch.autocast(device_type=device.type, enabled=False):
+            c = F.silu(self.sigma_map(sigma.float()))
         cos, sin = self.rotary_emb(indices.shape[1], device)
         with mixed_precision(self.config, device):
             for block in self.blocks:

@@ -55,8 +55,8 @@ class TimestepEmbedder(nn.Module):
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
         half = dim // 2
         freqs = torch.exp(
-            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-        )
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32) / half
+        ).to(device=t.device)
         args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -79,8 +79,8 @@ class Rotary(nn.Module):
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (seq_len, device)
         if self._cache is None or self._cache[0] != key:
-            t = torch.arange(seq_len, device=device).type_as(self.inv_freq)
-            freqs = torch.outer(t, self.inv_freq.to(device))
+            t = torch.arange(seq_len, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float32))
             emb = torch.cat((freqs, freqs), dim=-1)
             self._cache = (key, emb.cos(), emb.sin())
         return self._cache[1], self._cache[2]
@@ -92,13 +92,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates q and k of a (batch, seq, 3, heads, head_dim) tensor; v is left unchanged."""
+    """Rotates q and k of a (batch, seq, 3, heads, head_dim) tensor; v is left unchanged.
+
+    As the release's fused kernel does: cos/sin rounded to qkv's dtype, the rotation
+    computed in float32 and rounded once.
+    """
+    dtype = qkv.dtype
     with torch.autocast(device_type=qkv.device.type, enabled=False):
-        cos = cos.to(qkv.dtype)[None, :, None, :]
-        sin = sin.to(qkv.dtype)[None, :, None, :]
+        cos = cos.to(dtype).float()[None, :, None, :]
+        sin = sin.to(dtype).float()[None, :, None, :]
         q, k, v = qkv.unbind(2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = q.float(), k.float()
+        q = (q * cos + rotate_half(q) * sin).to(dtype)
+        k = (k * cos + rotate_half(k) * sin).to(dtype)
         return torch.stack((q, k, v), dim=2)
 
 

@@ -19,6 +19,16 @@ def _const(value: float, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(value, dtype=like.dtype, device=like.device)
 
 
+def log_masking_bounds(schedule, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log(1 - exp(-sigma)) at sigma_max and sigma_min, computed in float32 as the release
+    does (its schedule constants are float32 tensors)."""
+    sigma_max = torch.tensor(schedule.sigma_max, dtype=torch.float32)
+    sigma_min = torch.tensor(schedule.sigma_min, dtype=torch.float32)
+    f_T = torch.log1p(-torch.exp(-sigma_max))
+    f_0 = torch.log1p(-torch.exp(-sigma_min))
+    return f_T.to(like.device), f_0.to(like.device)
+
+
 class NoiseSchedule(abc.ABC):
     name = "base"
 
@@ -35,7 +45,7 @@ class NoiseSchedule(abc.ABC):
 
     def move_chance(self, t: torch.Tensor) -> torch.Tensor:
         """Probability that a token is masked at time t: 1 - exp(-sigma(t))."""
-        return -torch.expm1(-self.total(t))
+        return 1 - torch.exp(-self.total(t))
 
     @property
     def supports_importance_sampling(self) -> bool:
@@ -65,8 +75,7 @@ class LogLinear(NoiseSchedule):
         return (1 - self.eps) / (1 - (1 - self.eps) * t)
 
     def importance_sampling_transformation(self, t):
-        f_T = math.log1p(-math.exp(-self.sigma_max))
-        f_0 = math.log1p(-math.exp(-self.sigma_min))
+        f_T, f_0 = log_masking_bounds(self, t)
         sigma_t = -torch.log1p(-torch.exp(t * f_T + (1 - t) * f_0))
         return -torch.expm1(-sigma_t) / (1 - self.eps)
 
@@ -86,8 +95,7 @@ class Linear(NoiseSchedule):
         return torch.full_like(t, self.sigma_max - self.sigma_min)
 
     def importance_sampling_transformation(self, t):
-        f_T = math.log1p(-math.exp(-self.sigma_max))
-        f_0 = math.log1p(-math.exp(-self.sigma_min))
+        f_T, f_0 = log_masking_bounds(self, t)
         sigma_t = -torch.log1p(-torch.exp(t * f_T + (1 - t) * f_0))
         return (sigma_t - self.sigma_min) / (self.sigma_max - self.sigma_min)
 

@@ -15,3 +15,17 @@ def mask_and_vocab(tokenizer) -> tuple[int, int]:
     if getattr(tokenizer, "mask_token", None) is not None:
         return tokenizer.mask_token_id, vocab_size
     return vocab_size, vocab_size + 1
+
+
+def tokenizer_ids(tokenizer) -> dict:
+    """The ModelConfig fields a tokenizer decides: vocabulary, [MASK], BOS and EOS ids
+    (CLS and SEP where a tokenizer has no BOS or EOS)."""
+    mask_index, vocab_size = mask_and_vocab(tokenizer)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return dict(
+        vocab_size=vocab_size,
+        mask_index=mask_index,
+        bos_index=bos if bos is not None else getattr(tokenizer, "cls_token_id", None),
+        eos_index=eos if eos is not None else getattr(tokenizer, "sep_token_id", None),
+    )

@@ -48,6 +48,9 @@ def config_values(ckpt: dict, state: dict) -> dict:
     values = {}
     backbone = _get(cfg, "backbone")
     if backbone is not None:
+        if backbone not in ("dit", "hf_dit", "ar"):
+            raise CheckpointError(f"the checkpoint's backbone={backbone} is not supported "
+                                  "here; only DiT (dit) and AR (ar) networks load.")
         values["backbone"] = "ar" if backbone == "ar" else "dit"
     for key in ("parameterization", "time_conditioning", "T", "subs_masking"):
         if _get(cfg, key) is not None:

@@ -249,3 +249,61 @@ def test_compiled_blocks_match_eager(rng):
     compiled.load_state_dict(eager.state_dict())
     assert list(compiled.state_dict()) == list(eager.state_dict())
     torch.testing.assert_close(compiled(x, None), eager(x, None), atol=1e-4, rtol=1e-4)
+
+
+def test_mixed_precision_rounds_where_the_release_does(rng):
+    """Under bf16 autocast the logits come from a bf16 projection (so they are exactly
+    representable in bf16) and rotary is computed in float32 and rounded once."""
+    x = torch.randint(0, 23, (2, 12), generator=rng)
+    mixed = randomize_(DIT(tiny_config(autocast="bf16")), std=0.05)
+    logits = mixed(x, None)
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits.to(torch.bfloat16).float(), logits)
+    qkv = torch.randn(2, 12, 3, 2, 16).to(torch.bfloat16)
+    cos, sin = mixed.rotary_emb(12, qkv.device)
+    out = apply_rotary(qkv, cos, sin)
+    inv_freq = mixed.rotary_emb.inv_freq
+    pos = torch.arange(12, dtype=torch.float32)
+    ang = torch.cat([torch.outer(pos, inv_freq)] * 2, -1)
+    c, s = ang.cos().to(torch.bfloat16).float(), ang.sin().to(torch.bfloat16).float()
+    q = qkv[:, :, 0].float()
+    x1, x2 = q.chunk(2, -1)
+    expected = q * c[None, :, None] + torch.cat([-x2, x1], -1) * s[None, :, None]
+    assert torch.equal(out[:, :, 0], expected.to(torch.bfloat16))
+
+
+def test_time_conditioned_model_needs_sigma(rng):
+    dit = DIT(tiny_config(time_conditioning=True))
+    with pytest.raises(ValueError, match="pass sigma"):
+        dit(torch.zeros(1, 12, dtype=torch.long), None)
+
+
+def test_tokenizer_ids_follow_the_release_rule():
+    from types import SimpleNamespace
+
+    from model import tokenizer_ids
+
+    gpt2 = SimpleNamespace(vocab_size=50257, mask_token=None, bos_token_id=50256,
+                           eos_token_id=50256)
+    assert tokenizer_ids(gpt2) == dict(vocab_size=50258, mask_index=50257, bos_index=50256,
+                                       eos_index=50256)
+    bert = SimpleNamespace(vocab_size=30522, mask_token="[MASK]", mask_token_id=103,
+                           bos_token_id=None, eos_token_id=None, cls_token_id=101,
+                           sep_token_id=102)
+    assert tokenizer_ids(bert) == dict(vocab_size=30522, mask_index=103, bos_index=101,
+                                       eos_index=102)
+
+
+def test_unsupported_backbone_is_named():
+    from omegaconf import OmegaConf
+
+    from model import from_run_config
+
+    cfg = OmegaConf.create(dict(backbone="dimamba", parameterization="subs", T=0,
+                                time_conditioning=False, subs_masking=False,
+                                model=dict(length=12, hidden_size=32, cond_dim=16,
+                                           n_blocks=1, n_heads=2, dropout=0.0)))
+    with pytest.raises(ConfigError, match="backbone=dimamba is not supported"):
+        from_run_config(cfg, vocab_size=23, mask_index=22)
+    cfg.backbone = "hf_dit"
+    assert from_run_config(cfg, vocab_size=23, mask_index=22).backbone == "dit"

@@ -40,7 +40,8 @@ def test_importance_sampling_makes_log_masking_probability_linear(spec):
     f = torch.log1p(-torch.exp(-schedule.total(t)))
     f_0 = math.log1p(-math.exp(-schedule.sigma_min))
     f_T = math.log1p(-math.exp(-schedule.sigma_max))
-    torch.testing.assert_close(f, f_0 + u * (f_T - f_0))
+    # the bounds are float32 constants, as in the release
+    torch.testing.assert_close(f, f_0 + u * (f_T - f_0), rtol=1e-5, atol=2e-5)
 
 
 def test_unknown_schedule():
