@@ -1,7 +1,13 @@
-import pytest
-import torch
+import os
 
-from model import ModelConfig
+# Tests never reach the network: hub names resolve only from local caches they build.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from model import ModelConfig  # noqa: E402
 
 
 def tiny_config(**changes) -> ModelConfig:

@@ -1,0 +1,1 @@
+"""Data: recipes and detokenizers, tokenizers, token shards (build and read), the sampler."""

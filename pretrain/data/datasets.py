@@ -1,0 +1,70 @@
+"""The run config's datasets: which shards a run needs, building them when missing (rank 0
+builds, the other ranks wait at a barrier) and opening them checked against the run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pretrain.data import shards as fmt
+from pretrain.data.prepare import BuildSpec, block_size_for, build
+from pretrain.data.sources import is_local, validation_split
+from pretrain.data.tokenizers import get_tokenizer, vocab_hash
+
+
+def tokenizer_for(cfg):
+    return get_tokenizer(cfg.data.tokenizer_name_or_path, cfg.data.cache_dir)
+
+
+def build_spec(cfg, kind: str) -> BuildSpec:
+    """``kind`` is ``train`` or ``valid``."""
+    dataset = cfg.data.train if kind == "train" else cfg.data.valid
+    if kind == "train":
+        split = "train"
+    elif is_local(dataset):
+        split = "validation"
+    else:
+        split = validation_split(dataset)
+    shard_cfg = cfg.get("shards", {})
+    return BuildSpec(
+        dataset=str(dataset), split=split,
+        tokenizer_name=str(cfg.data.tokenizer_name_or_path),
+        block_size=block_size_for(str(dataset), split, cfg.model.length),
+        wrap=bool(cfg.data.wrap), cache_dir=str(cfg.data.cache_dir),
+        streaming=bool(cfg.data.get("streaming", False)) and kind == "train",
+        docs_per_shard=int(shard_cfg.get("docs_per_shard", 50_000)),
+        num_proc=int(shard_cfg.get("num_proc", 1)),
+    )
+
+
+def _dist():
+    try:
+        import torch.distributed as dist
+
+        return dist if dist.is_available() and dist.is_initialized() else None
+    except ImportError:
+        return None
+
+
+def ensure_shards(spec: BuildSpec, tokenizer, progress: bool = True) -> Path:
+    """The finished shard directory of ``spec``, built first if needed. Under
+    torch.distributed, rank 0 builds while the others wait at a barrier."""
+    if os.path.isfile(os.path.join(os.path.expanduser(spec.dataset), fmt.META)):
+        return Path(os.path.expanduser(spec.dataset))  # a prepared shard directory
+    dist = _dist()
+    if dist is None:
+        return build(spec, tokenizer, progress=progress)
+    directory = None
+    if dist.get_rank() == 0:
+        directory = build(spec, tokenizer, progress=progress)
+    dist.barrier()
+    return directory or build(spec, tokenizer, progress=False)  # finished: returns at once
+
+
+def open_split(cfg, kind: str, tokenizer, progress: bool = True) -> fmt.ShardDataset:
+    spec = build_spec(cfg, kind)
+    directory = ensure_shards(spec, tokenizer, progress)
+    expect = {"vocab_hash": vocab_hash(tokenizer), "vocab_size": len(tokenizer),
+              "block_size": spec.block_size, "mode": "wrap" if spec.wrap else "pad"}
+    verify = bool(cfg.get("shards", {}).get("verify_checksums", True))
+    return fmt.ShardDataset(directory, expect=expect, verify=verify)
