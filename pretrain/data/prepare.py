@@ -16,6 +16,7 @@ produces byte-identical files; ``meta.json``, written last, marks the directory 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import multiprocessing
 import os
 import time
@@ -80,8 +81,8 @@ def _tokenize(job):
                   return_token_type_ids=False)["input_ids"]
         eos = tok.eos_token_id
         lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)
-        flat = np.fromiter((t for x in ids for t in (*x, eos)), dtype=np.int64,
-                           count=int(lengths.sum()))
+        flat = np.fromiter(itertools.chain.from_iterable(x + [eos] for x in ids),
+                           dtype=np.int64, count=int(lengths.sum()))
         return flat, lengths
     enc = tok(texts, max_length=block_size, padding="max_length", truncation=True,
               add_special_tokens=True, return_attention_mask=True, return_token_type_ids=False)

@@ -17,6 +17,9 @@ LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
 LAMBADA_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"
 OWT_VALID_DOCS = 100_000
+# character ranges of the text8 splits (those of the D3PM codebase)
+TEXT8_SPLITS = {"train": (0, 90_000_000), "validation": (90_000_000, 95_000_000),
+                "test": (95_000_000, None)}
 
 # name -> (HF dataset path, config name, text column)
 HF_RECIPES = {
@@ -176,9 +179,7 @@ def text8_documents(cache_dir: str, split: str, block_size: int, crop_train: boo
         os.replace(tmp, zip_path)
     with zipfile.ZipFile(zip_path) as z:
         data = z.read("text8").decode("utf-8")
-    bounds = {"train": (0, 90_000_000), "validation": (90_000_000, 95_000_000),
-              "test": (95_000_000, None)}
-    lo, hi = bounds[split]
+    lo, hi = TEXT8_SPLITS[split]
     text = data[lo:hi]
     size = 2 * block_size if (split == "train" and crop_train) else block_size
     chunks = [text[i:i + size] for i in range(0, len(text), size)]
