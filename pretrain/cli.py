@@ -48,13 +48,25 @@ def check_config(cfg: DictConfig) -> None:
         raise UsageError(str(err)) from None
 
 
+def _user_errors() -> tuple:
+    """Errors whose message is the whole story: printed as one line, no traceback."""
+    from model import CheckpointError, ConfigError
+    from pretrain.data.shards import ShardError
+    from pretrain.ds_config import RunConfigError
+
+    return (CheckpointError, ConfigError, ShardError, RunConfigError)
+
+
 def dispatch(cfg: DictConfig):
     check_config(cfg)
     module_name, function, what = MODES[cfg.mode]
     if importlib.util.find_spec(module_name) is None:
         raise UsageError(f"mode={cfg.mode} is not available in this version: {what} "
                          f"({module_name}) is not built yet.")
-    return getattr(importlib.import_module(module_name), function)(cfg)
+    try:
+        return getattr(importlib.import_module(module_name), function)(cfg)
+    except _user_errors() as err:
+        raise UsageError(str(err)) from None
 
 
 @hydra.main(config_path="config", config_name="config", version_base=None)

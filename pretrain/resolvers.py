@@ -39,7 +39,11 @@ def arithmetic(expression) -> float | int:
 
 
 def device_count() -> int:
-    """Accelerators on this node (at least 1: a CPU run counts as one device)."""
+    """Ranks on this node as the launcher set them, else the accelerators on this node (at
+    least 1: a CPU run counts as one device)."""
+    for var in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
     try:
         import torch
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import hf, lightning
+from model.checkpoint import hf, lightning, ours
 from model.checkpoint.keys import check_and_load, strip_prefix
 from model.config import ModelConfig, check_field_names
 from model.errors import CheckpointError
@@ -24,17 +24,23 @@ def load_pretrained(path_or_hub_id, use_ema: bool = True, device=None, revision=
                     **overrides):
     """Returns a ready ``Diffusion`` model (in eval mode) from a checkpoint.
 
-    Accepts an HF directory or hub id in the ``kuleshov-group/mdlm-owt`` layout, or a
-    Lightning ``.ckpt`` of the MDLM release. ``overrides`` are ModelConfig fields
-    (``time_conditioning=True``, ``parameterization='sedd'``, ``T=1000`` ...) and win over
-    what the checkpoint records. ``use_ema=False`` loads the raw weights of a ``.ckpt``
-    instead of its EMA (``eval.disable_ema=True``).
+    Accepts an HF directory or hub id in the ``kuleshov-group/mdlm-owt`` layout, a
+    Lightning ``.ckpt`` of the MDLM release, or one of this project's training checkpoints
+    (a run directory, its ``checkpoints/`` directory or one checkpoint's directory).
+    ``overrides`` are ModelConfig fields (``time_conditioning=True``,
+    ``parameterization='sedd'``, ``T=1000`` ...) and win over what the checkpoint records.
+    ``use_ema=False`` loads the raw weights instead of the EMA (``eval.disable_ema=True``).
     """
     from model.diffusion import Diffusion
 
     check_field_names(overrides)
     path = Path(str(path_or_hub_id)).expanduser()
-    if path.is_file():
+    ours_dir = ours.locate(path) if path.is_dir() else None
+    if ours_dir is not None:
+        values, state, used_ema = ours.read(ours_dir, use_ema)
+        state = strip_prefix(state)
+        source = f"checkpoint {ours_dir}"
+    elif path.is_file():
         values, state, used_ema = lightning.read(path, use_ema)
         source = f"checkpoint {path}"
     elif hf.is_hf_dir(path):

@@ -1,0 +1,64 @@
+"""Exponential moving average of the weights, in float32, correct under every ZeRO stage.
+
+Decay warm-up as in the release: ``min(decay, (1 + n) / (10 + n))`` at the n-th update.
+Under ZeRO-3 each rank keeps the average of its own partition of every parameter
+(``param.ds_tensor``, the flat slice [rank * size, (rank + 1) * size) of the padded
+parameter); otherwise every rank keeps the whole average and rank 0 saves it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _local(p: torch.nn.Parameter) -> torch.Tensor:
+    """The tensor this rank owns of ``p``: its ZeRO-3 partition, or the parameter itself."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+
+class EMA:
+    def __init__(self, named_parameters, decay: float):
+        self.names, self.params = zip(*[(n, p) for n, p in named_parameters if p.requires_grad])
+        self.decay = decay
+        self.num_updates = 0
+        self.partitioned = hasattr(self.params[0], "ds_tensor")
+        self.shadow = [_local(p).detach().float().clone() for p in self.params]
+        self._backup: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.num_updates += 1
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for s, p in zip(self.shadow, self.params):
+            s.sub_((1.0 - decay) * (s - _local(p).float()))
+
+    @torch.no_grad()
+    def swap_in(self) -> None:
+        """Puts the averaged weights into the model (``swap_out`` restores the trained ones)."""
+        self._backup = [_local(p).detach().clone() for p in self.params]
+        for s, p in zip(self.shadow, self.params):
+            _local(p).copy_(s)
+
+    @torch.no_grad()
+    def swap_out(self) -> None:
+        for b, p in zip(self._backup, self.params):
+            _local(p).copy_(b)
+        self._backup = None
+
+    def state_dict(self) -> dict:
+        shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in self.params]
+        return {"decay": self.decay, "num_updates": self.num_updates,
+                "partitioned": self.partitioned, "names": list(self.names),
+                "shapes": shapes, "shadow": [s.cpu() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["names"]) != list(self.names) or len(state["shadow"]) != len(self.shadow):
+            raise ValueError("the checkpoint's EMA holds other parameters than this model; "
+                             "resume with the same model settings.")
+        self.decay, self.num_updates = state["decay"], state["num_updates"]
+        for s, saved in zip(self.shadow, state["shadow"]):
+            if saved.shape != s.shape:
+                raise ValueError("the checkpoint's EMA partitions have other shapes than "
+                                 "this run's (another ZeRO stage or world size?); resume with "
+                                 "the same ones.")
+            s.copy_(saved)

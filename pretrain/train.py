@@ -1,0 +1,304 @@
+"""``mdlm mode=train``: the DeepSpeed training loop.
+
+One process per rank (the ``deepspeed`` launcher, torchrun or srun). Every check that can
+fail (batch sizes, DeepSpeed config, shards, a checkpoint of another model) runs before the
+model is built. The loop: micro-batches through the engine, an optimizer step, the EMA,
+metrics, validation with the EMA weights every ``trainer.val_check_interval`` steps, a
+checkpoint every ``checkpointing.every_n_steps`` steps, at the end, and on SIGTERM/SIGUSR1
+(then exit 0 so a requeued job resumes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from model import Diffusion, from_run_config, tokenizer_ids
+from pretrain import checkpointing, ds_config, schedules
+from pretrain import distributed as D
+from pretrain.ema import EMA
+from pretrain.metrics import MetricsLog
+
+log = logging.getLogger(__name__)
+LN2 = math.log(2)
+
+
+class LossModule(torch.nn.Module):
+    """What DeepSpeed wraps: its forward is the objective's loss, so ZeRO-3's parameter
+    hooks see every forward."""
+
+    def __init__(self, model: Diffusion):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, generator=None):
+        return self.model.loss(input_ids, attention_mask, generator=generator)
+
+
+class Stop:
+    """Set by SIGTERM / SIGUSR1: save a checkpoint and exit 0."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def run_dir_of(cfg) -> Path:
+    """The run directory, identical on every rank (rank 0's wins)."""
+    path = str(Path(str(cfg.checkpointing.save_dir)).expanduser().resolve())
+    if D.world_size() > 1:
+        box = [path]
+        torch.distributed.broadcast_object_list(box, src=0)
+        path = box[0]
+    return Path(path)
+
+
+def model_config_for(cfg, tokenizer):
+    precision = str(cfg.trainer.precision)
+    autocast = ds_config.model_autocast(precision)
+    if cfg.model.get("autocast", "auto") not in ("auto", None):
+        autocast = cfg.model.autocast
+    return from_run_config(cfg, autocast=autocast, **tokenizer_ids(tokenizer))
+
+
+def check_resume(run_state: dict, model_config, tag_dir: Path) -> None:
+    saved = run_state["model_config"]
+    ours = model_config.to_dict()
+    keys = ("backbone", "parameterization", "vocab_size", "mask_index", "length",
+            "hidden_size", "cond_dim", "n_blocks", "n_heads", "time_conditioning", "T")
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs run {ours.get(k)!r}" for k in keys
+            if saved.get(k) != ours.get(k)]
+    if diff:
+        raise ds_config.RunConfigError(
+            f"cannot resume from {tag_dir}: the model differs ({'; '.join(diff)}); use the "
+            "same model settings, another checkpointing.save_dir, or "
+            "checkpointing.resume_from_ckpt=False."
+        )
+
+
+def run(cfg):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # ---------------------------------------------------------------- checks first
+    ds_cfg = ds_config.build(cfg, D.expected_world_size())
+    D.init()
+    rank, world, device = D.rank(), D.world_size(), D.device()
+    run_dir = run_dir_of(cfg)
+    checkpoint_dir = run_dir / "checkpoints"
+    accumulation = ds_cfg["gradient_accumulation_steps"]
+    micro, global_batch = int(cfg.loader.batch_size), int(cfg.loader.global_batch_size)
+    from pretrain.data.datasets import open_split, tokenizer_for
+
+    tokenizer = tokenizer_for(cfg)
+    model_config = model_config_for(cfg, tokenizer)
+    tag = checkpointing.latest_tag(checkpoint_dir) if cfg.checkpointing.resume_from_ckpt else None
+    if tag is not None:
+        check_resume(json.loads((checkpoint_dir / tag / checkpointing.RUN_FILE).read_text()),
+                     model_config, checkpoint_dir / tag)
+    if not cfg.shards.get("build", True):
+        _require_built(cfg, tokenizer)
+    train_set = open_split(cfg, "train", tokenizer, progress=rank == 0)
+    valid_set = open_split(cfg, "valid", tokenizer, progress=rank == 0)
+
+    # ---------------------------------------------------------------- model and engine
+    import deepspeed
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = Diffusion(model_config)
+    module = LossModule(model)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.optim.lr,
+                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    max_steps = int(cfg.trainer.max_steps)
+    scheduler = schedules.build(optimizer, cfg, max_steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    ema = EMA(engine.module.named_parameters(), cfg.training.ema) if cfg.training.ema > 0 else None
+
+    from pretrain.data.sampler import ResumableSampler
+
+    sampler = ResumableSampler(len(train_set), global_batch, rank, world, seed=cfg.seed)
+    step, tokens_seen, skipped_total = 0, 0, 0
+    if tag is not None:
+        state = checkpointing.load(engine, checkpoint_dir, tag, ema)
+        sampler.load_state_dict(state["sampler"])
+        step, tokens_seen, skipped_total = state["step"], state["tokens"], state["skipped"]
+        if rank == 0:
+            log.info("resumed from %s at step %d", checkpoint_dir / tag, step)
+    else:
+        _seed_rank(cfg.seed, rank)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    # The loader's own generator: creating an iterator must not draw from the global RNG,
+    # whose state a resumed run restores exactly.
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=micro, sampler=sampler, drop_last=True,
+        generator=torch.Generator().manual_seed(int(cfg.seed)),
+        num_workers=int(cfg.loader.num_workers), pin_memory=bool(cfg.loader.pin_memory)
+        and device.type == "cuda", persistent_workers=False)
+    metrics = MetricsLog(run_dir, rank == 0, step, max_steps, cfg.trainer.log_every_n_steps)
+    stop = Stop()
+    every = int(cfg.checkpointing.get("every_n_steps", 500))
+    keep_last = int(cfg.checkpointing.get("keep_last", 2))
+    max_skips = int(cfg.trainer.get("max_skipped_in_a_row", 10))
+    fail_at = cfg.trainer.get("fail_at_step")
+
+    def run_state():
+        return {"step": step, "tokens": tokens_seen, "skipped": skipped_total,
+                "sampler": sampler.state_dict(), "model_config": model_config.to_dict(),
+                "zero_stage": engine.zero_optimization_stage(), "world_size": world,
+                "config": OmegaConf.to_container(cfg, resolve=True)}
+
+    def save():
+        return checkpointing.save(engine, checkpoint_dir, step, run_state(), ema, keep_last)
+
+    iterator = iter(loader)
+    skipped_in_a_row = 0
+    engine.train()
+    while step < max_steps:
+        started = time.perf_counter()
+        losses, real_tokens, bad = [], 0, False
+        for _ in range(accumulation):
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                iterator = iter(loader)
+                batch = next(iterator)
+            input_ids = batch["input_ids"].to(device, non_blocking=True)
+            attention_mask = batch["attention_mask"].to(device, non_blocking=True)
+            out = engine(input_ids, attention_mask)
+            loss = out.loss
+            if D.any_rank(not bool(torch.isfinite(loss))):
+                bad = True
+                loss = sum(p.sum() for p in engine.module.parameters()) * 0.0
+            engine.backward(loss)
+            if bad:  # a skipped step must not move the weights
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = 0.0
+            engine.step()
+            losses.append(float(out.loss.detach()))
+            real_tokens += int(out.token_mask.sum())
+        sampler.advance(global_batch)
+        step += 1
+        if bad:
+            skipped_total += 1
+            skipped_in_a_row += 1
+            if skipped_in_a_row >= max_skips:
+                raise FloatingPointError(
+                    f"{skipped_in_a_row} steps in a row had a NaN/inf loss (last at step "
+                    f"{step}); lower optim.lr, check the data, or resume from an earlier "
+                    "checkpoint.")
+        else:
+            skipped_in_a_row = 0
+            if ema is not None:
+                ema.update()
+
+        stats = D.all_reduce(torch.tensor([sum(losses) / len(losses), real_tokens],
+                                          dtype=torch.float64, device=device))
+        tokens_seen += int(stats[1])
+        seconds = time.perf_counter() - started
+        record = {"loss": float(stats[0]) / world,
+                  "lr": float(scheduler.get_last_lr()[0]) if scheduler else cfg.optim.lr,
+                  "tokens": tokens_seen, "tokens_per_s": float(stats[1]) / seconds,
+                  "step_seconds": seconds, "skipped": skipped_total}
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        val_every = int(cfg.trainer.val_check_interval or 0)
+        if val_every > 0 and step % val_every == 0:
+            record.update({f"val/{k}": v for k, v in
+                           validate(engine, model, ema, valid_set, cfg, device).items()})
+        metrics.log(step, record)
+
+        if fail_at is not None and step == int(fail_at) and rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection (tests): die mid-run
+        if D.any_rank(stop.requested):
+            save()
+            if rank == 0:
+                log.info("stop requested: saved step %d, exiting 0 for requeue", step)
+            metrics.close()
+            return 0
+        if every > 0 and step % every == 0 and step < max_steps:
+            save()
+    save()
+    metrics.close()
+    D.barrier()
+    return 0
+
+
+def _seed_rank(seed: int, rank: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def _require_built(cfg, tokenizer) -> None:
+    from pretrain.data.datasets import build_spec
+    from pretrain.data.prepare import shard_dir
+    from pretrain.data.shards import META
+
+    for kind in ("train", "valid"):
+        spec = build_spec(cfg, kind)
+        directory = shard_dir(spec, tokenizer)
+        if not (directory / META).is_file():
+            raise ds_config.RunConfigError(
+                f"the {kind} shards ({directory}) are not built and shards.build=False; run "
+                "`python -m pretrain.data.prepare` with this run's overrides first."
+            )
+
+
+@torch.no_grad()
+def validate(engine, model, ema, dataset, cfg, device) -> dict:
+    """NLL, PPL and BPD of the validation split with the EMA weights; every rank runs the
+    same number of batches (padding batches count zero) so ZeRO-3 gathers stay in step."""
+    rank, world = D.rank(), D.world_size()
+    batch_size = int(cfg.loader.eval_batch_size)
+    n = len(dataset)
+    limit = cfg.trainer.get("limit_val_batches", 1.0)
+    total_batches = math.ceil(n / batch_size)
+    if isinstance(limit, float) and limit <= 1.0:
+        total_batches = max(1, int(total_batches * limit))
+    else:
+        total_batches = min(total_batches, int(limit))
+    indices = list(range(min(n, total_batches * batch_size)))
+    per_rank = math.ceil(len(indices) / world)
+    mine = indices[rank * per_rank:(rank + 1) * per_rank]
+    if ema is not None:
+        ema.swap_in()
+    engine.eval()
+    generator = torch.Generator(device=device).manual_seed(int(cfg.seed) + 10_000 * rank)
+    nll, tokens = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    try:
+        for start in range(0, per_rank, batch_size):
+            chunk = mine[start:start + batch_size]
+            weight = 1.0 if chunk else 0.0
+            rows = [dataset[i] for i in (chunk or [0])]
+            input_ids = torch.stack([r["input_ids"] for r in rows]).to(device)
+            mask = torch.stack([r["attention_mask"] for r in rows]).to(device)
+            out = engine(input_ids, mask, generator=generator)
+            nll += weight * out.nlls.double().sum().cpu()
+            tokens += weight * out.token_mask.double().sum().cpu()
+    finally:
+        engine.train()
+        if ema is not None:
+            ema.swap_out()
+    total = D.all_reduce(torch.stack([nll, tokens]).to(device))
+    mean = float(total[0] / total[1])
+    return {"nll": mean, "ppl": math.exp(mean), "bpd": mean / LN2, "tokens": float(total[1])}

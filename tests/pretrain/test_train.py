@@ -1,0 +1,158 @@
+"""Real multi-process DeepSpeed runs on CPU (2 ranks, gloo): slow, marked as such."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+TINY = ["data=builtin", "model.length=64", "model.hidden_size=64", "model.n_blocks=2",
+        "model.n_heads=4", "model.cond_dim=32", "loader.global_batch_size=16",
+        "loader.batch_size=4", "loader.eval_batch_size=16", "loader.num_workers=0",
+        "trainer.precision=32", "optim.lr=1e-3", "lr_scheduler.num_warmup_steps=0",
+        "trainer.val_check_interval=0", "trainer.log_every_n_steps=1000", "shards.num_proc=1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(run_dir, *overrides, ranks=2):
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    return [deepspeed, "--num_gpus", str(ranks), "--no_local_rank", "--master_port",
+            str(free_port()), "--module", "pretrain", *TINY, *overrides,
+            f"hydra.run.dir={run_dir}"]
+
+
+def train(run_dir, data_dir, *overrides, ranks=2, check=True, timeout=400):
+    env = dict(os.environ, MDLM_DATA_DIR=str(data_dir))
+    done = subprocess.run(command(run_dir, *overrides, ranks=ranks), env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def losses(run_dir) -> dict:
+    lines = Path(run_dir, "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def raw_weights(run_dir):
+    from model import load_pretrained
+
+    return load_pretrained(run_dir, use_ema=False).backbone.state_dict()
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_loss_goes_down_under_each_zero_stage(tmp_path, data_dir, stage):
+    train(tmp_path, data_dir, f"trainer.deepspeed_config=zero{stage}", "trainer.max_steps=40",
+          "checkpointing.every_n_steps=1000", "trainer.val_check_interval=40")
+    curve = losses(tmp_path)
+    assert sorted(curve) == list(range(1, 41))
+    first = sum(curve[s] for s in range(1, 6)) / 5
+    last = sum(curve[s] for s in range(36, 41)) / 5
+    assert last < first - 0.5, (first, last)
+    record = json.loads(Path(tmp_path, "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["val/nll"] < first and record["val/ppl"] > 1
+    assert Path(tmp_path, "checkpoints", "latest").read_text() == "step_0000040"
+    assert any(Path(tmp_path, "tensorboard").iterdir())
+    assert Path(tmp_path, "config.yaml").is_file()
+
+
+def test_killed_run_resumes_exactly(tmp_path, data_dir):
+    common = ["trainer.deepspeed_config=zero2", "trainer.max_steps=12",
+              "checkpointing.every_n_steps=4"]
+    straight = tmp_path / "straight"
+    train(straight, data_dir, *common)
+    killed = tmp_path / "killed"
+    done = train(killed, data_dir, *common, "trainer.fail_at_step=6", check=False)
+    assert done.returncode != 0
+    assert Path(killed, "checkpoints", "latest").read_text() == "step_0000004"
+    assert max(losses(killed)) >= 6  # steps 5 and 6 were logged, then lost
+    train(killed, data_dir, *common)
+    assert losses(killed) == losses(straight)  # every loss after the resume point, exactly
+    a, b = raw_weights(straight), raw_weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path, data_dir):
+    env = dict(os.environ, MDLM_DATA_DIR=str(data_dir))
+    cmd = command(tmp_path, "trainer.max_steps=100000", "checkpointing.every_n_steps=100000")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.is_file() and
+                                          len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.5)
+    import psutil
+
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "deepspeed.launcher.launch" in " ".join(p.parent().cmdline())]
+    assert len(ranks) == 2
+    for child in ranks:  # as slurm signals every task of the job
+        child.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    tag = Path(tmp_path, "checkpoints", "latest").read_text()
+    saved_step = int(tag.split("_")[1])
+    assert saved_step >= 3
+    done = train(tmp_path, data_dir, f"trainer.max_steps={saved_step + 2}",
+                 "checkpointing.every_n_steps=100000")
+    assert f"resumed from {tmp_path / 'checkpoints' / tag}" in done.stdout + done.stderr
+    assert max(losses(tmp_path)) == saved_step + 2
+
+
+def test_zero3_ema_export_equals_zero2(tmp_path, data_dir):
+    from model import load_pretrained
+
+    for stage in (2, 3):
+        train(tmp_path / f"z{stage}", data_dir, f"trainer.deepspeed_config=zero{stage}",
+              "trainer.max_steps=6", "checkpointing.every_n_steps=1000", "training.ema=0.9")
+    out = subprocess.run([sys.executable, "-m", "pretrain.export", str(tmp_path / "z3"),
+                          str(tmp_path / "export")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    exported = load_pretrained(tmp_path / "export").backbone.state_dict()
+    z2 = load_pretrained(tmp_path / "z2").backbone.state_dict()
+    raw = load_pretrained(tmp_path / "z2", use_ema=False).backbone.state_dict()
+    for key in z2:
+        torch.testing.assert_close(exported[key], z2[key], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(z2[k], raw[k]) for k in z2)  # the EMA is not the raw weights
+
+
+def run_cli(tmp_path, data_dir, *overrides):
+    env = dict(os.environ, MDLM_DATA_DIR=str(data_dir))
+    return subprocess.run([sys.executable, "-m", "pretrain", *TINY, *overrides,
+                           f"hydra.run.dir={tmp_path}"], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_bad_configurations_fail_early_with_one_sentence(tmp_path, data_dir):
+    done = run_cli(tmp_path / "a", data_dir, "loader.global_batch_size=10")
+    assert done.returncode == 2 and "loader.global_batch_size=10 is not a multiple" in done.stderr
+    done = run_cli(tmp_path / "b", data_dir, "trainer.devicess=2")
+    assert done.returncode != 0 and "devicess" in done.stderr
+    done = run_cli(tmp_path / "c", data_dir, "shards.build=False",
+                   "data.cache_dir=" + str(tmp_path / "empty"))
+    assert done.returncode == 2 and "not built and shards.build=False" in done.stderr
+    assert run_cli(tmp_path / "d", data_dir, "trainer.max_steps=2").returncode == 0
+    done = run_cli(tmp_path / "d", data_dir, "trainer.max_steps=4", "model.hidden_size=32")
+    assert done.returncode == 2 and "hidden_size: checkpoint 64 vs run 32" in done.stderr
+    for result in (done,):
+        assert "Traceback" not in result.stderr
