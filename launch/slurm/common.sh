@@ -1,0 +1,16 @@
+# Sourced by the job scripts here: one task per GPU started by srun, with the rank variables
+# the code reads (RANK, WORLD_SIZE, LOCAL_RANK come from SLURM_PROCID, SLURM_NTASKS and
+# SLURM_LOCALID inside pretrain.distributed); MASTER_ADDR/PORT point at the first node.
+# srun starts the ranks directly, so slurm's USR1 (sent 120 s before the time limit, see
+# --signal) and a preemption's TERM reach every rank: each saves a checkpoint and exits 0,
+# and --requeue runs the job again, which resumes from that checkpoint.
+set -euo pipefail
+export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+# A run directory that survives requeues: checkpoints resume from here.
+RUN_DIR=${RUN_DIR:-$PWD/outputs/$SLURM_JOB_NAME}
+mkdir -p "$RUN_DIR" logs
+mdlm_srun() {
+    srun --kill-on-bad-exit=1 python -u -m pretrain hydra.run.dir="$RUN_DIR" "$@"
+}

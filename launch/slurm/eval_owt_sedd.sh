@@ -1,0 +1,15 @@
+#!/bin/bash
+#SBATCH -J eval_owt_sedd
+#SBATCH -o logs/%x_%j.out
+#SBATCH -e logs/%x_%j.err
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=0
+#SBATCH -t 04:00:00
+#SBATCH --signal=USR1@120
+#SBATCH --requeue
+# Test perplexity of SEDD on OpenWebText (CKPT=path to its .ckpt).
+source "$(dirname "$0")/common.sh" 2>/dev/null || source launch/slurm/common.sh
+mdlm_srun mode=ppl_eval data=openwebtext-split model=small parameterization=sedd time_conditioning=True backbone=dit model.length=1024 eval.checkpoint_path="$CKPT" loader.eval_batch_size=16 "$@"

@@ -1,0 +1,15 @@
+#!/bin/bash
+#SBATCH -J train_owt_mdlm
+#SBATCH -o logs/%x_%j.out
+#SBATCH -e logs/%x_%j.err
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=0
+#SBATCH -t 48:00:00
+#SBATCH --signal=USR1@120
+#SBATCH --requeue
+# MDLM small on OpenWebText (the paper's split), L=1024, global batch 512, 1M steps.
+source "$(dirname "$0")/common.sh" 2>/dev/null || source launch/slurm/common.sh
+mdlm_srun mode=train data=openwebtext-split model=small parameterization=subs model.length=1024 loader.global_batch_size=512 loader.batch_size=32 trainer.max_steps=1000000 trainer.deepspeed_config=zero2 "$@"
