@@ -90,7 +90,6 @@ def bench(size: str, args) -> dict:
     if peak:
         result["mfu"] = tokens_per_s * flops_per_token(config) / peak
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    del engine
     return result
 
 

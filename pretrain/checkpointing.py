@@ -83,27 +83,33 @@ def save(engine, checkpoint_dir: Path, step: int, run_state: dict, ema, keep_las
     return tag
 
 
+def _tags(checkpoint_dir: Path) -> list[str]:
+    return sorted(p.name for p in checkpoint_dir.iterdir()
+                  if p.is_dir() and p.name.startswith("step_"))
+
+
 def _prune(checkpoint_dir: Path, keep_last: int, keep: str) -> None:
+    """Keeps the newest ``keep_last`` published checkpoints up to ``keep`` (just published)."""
     if keep_last <= 0:
         return
-    tags = sorted(p.name for p in checkpoint_dir.iterdir()
-                  if p.is_dir() and p.name.startswith("step_"))
-    complete = [t for t in tags if (checkpoint_dir / t / RUN_FILE).is_file()]
-    for tag in complete[:-keep_last]:
-        if tag != keep:
-            shutil.rmtree(checkpoint_dir / tag, ignore_errors=True)
+    published = [t for t in _tags(checkpoint_dir)
+                 if t <= keep and (checkpoint_dir / t / RUN_FILE).is_file()]
+    for tag in published[:-keep_last]:
+        shutil.rmtree(checkpoint_dir / tag, ignore_errors=True)
+
+
+def discard_unpublished(checkpoint_dir: Path, latest: str) -> None:
+    """Removes checkpoint directories newer than ``latest``: saves that were interrupted
+    before they were published."""
+    for tag in _tags(Path(checkpoint_dir)):
+        if tag > latest:
+            shutil.rmtree(Path(checkpoint_dir) / tag, ignore_errors=True)
 
 
 def load(engine, checkpoint_dir: Path, tag: str, ema) -> dict:
     """Restores engine, EMA and this rank's RNG states; returns the run state."""
     checkpoint_dir = Path(checkpoint_dir)
     run_state = json.loads((checkpoint_dir / tag / RUN_FILE).read_text())
-    world = D.world_size()
-    if run_state["world_size"] != world and run_state["zero_stage"] == 3:
-        raise RuntimeError(
-            f"checkpoint {checkpoint_dir / tag} was written by {run_state['world_size']} ranks "
-            f"with ZeRO-3; resume it with {run_state['world_size']} ranks."
-        )
     load_path, _ = engine.load_checkpoint(str(checkpoint_dir), tag=tag,
                                           load_module_strict=True,
                                           load_optimizer_states=True,

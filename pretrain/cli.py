@@ -9,7 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pretrain.resolvers import register
+from pretrain.resolvers import absolutize_paths, register
 
 register()
 
@@ -54,10 +54,11 @@ def _user_errors() -> tuple:
     from pretrain.data.shards import ShardError
     from pretrain.ds_config import RunConfigError
 
-    return (CheckpointError, ConfigError, ShardError, RunConfigError)
+    return (CheckpointError, ConfigError, ShardError, RunConfigError, FloatingPointError)
 
 
 def dispatch(cfg: DictConfig):
+    absolutize_paths(cfg)
     check_config(cfg)
     module_name, function, what = MODES[cfg.mode]
     if importlib.util.find_spec(module_name) is None:

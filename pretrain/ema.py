@@ -32,18 +32,37 @@ class EMA:
         for s, p in zip(self.shadow, self.params):
             s.sub_((1.0 - decay) * (s - _local(p).float()))
 
+    def _refresh(self, engine) -> None:
+        """ZeRO-3 keeps whole copies of some parameters besides the partitions: the
+        persistent small ones, and any a no-grad forward left gathered. Release them and
+        re-gather the persistent ones so every copy agrees with the partitions."""
+        if not self.partitioned or engine is None:
+            return
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
+        coordinator.release_and_reset_all(engine.module)
+        held = [p for p in self.params if p.ds_status == ZeroParamStatus.AVAILABLE]
+        if held:
+            held[0].partition(held)
+            held[0].all_gather(held)
+
     @torch.no_grad()
-    def swap_in(self) -> None:
-        """Puts the averaged weights into the model (``swap_out`` restores the trained ones)."""
+    def swap_in(self, engine=None) -> None:
+        """Puts the averaged weights into the model (``swap_out`` restores the trained ones).
+        Under ZeRO-3 pass the engine, whose gathered copies must follow."""
+        self._refresh(engine)
         self._backup = [_local(p).detach().clone() for p in self.params]
         for s, p in zip(self.shadow, self.params):
             _local(p).copy_(s)
+        self._refresh(engine)
 
     @torch.no_grad()
-    def swap_out(self) -> None:
+    def swap_out(self, engine=None) -> None:
         for b, p in zip(self._backup, self.params):
             _local(p).copy_(b)
         self._backup = None
+        self._refresh(engine)
 
     def state_dict(self) -> dict:
         shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in self.params]

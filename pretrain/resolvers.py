@@ -72,3 +72,33 @@ def register() -> None:
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+
+
+def absolutize_paths(cfg) -> None:
+    """Hydra runs the job inside its run directory: relative paths the user typed are made
+    relative to where the command was started (names of hub datasets stay as they are)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    if not HydraConfig.initialized():
+        return
+    base = HydraConfig.get().runtime.cwd
+
+    def fix(node, key: str, must_exist: bool) -> None:
+        value = node.get(key)
+        if not isinstance(value, str) or not value:
+            return
+        expanded = os.path.expanduser(value)
+        if os.path.isabs(expanded):
+            return
+        candidate = os.path.join(base, expanded)
+        if not must_exist or os.path.exists(candidate):
+            node[key] = candidate
+
+    with open_dict(cfg):
+        for key in ("train", "valid", "tokenizer_name_or_path"):
+            fix(cfg.data, key, must_exist=True)
+        fix(cfg.data, "cache_dir", must_exist=False)
+        fix(cfg.eval, "checkpoint_path", must_exist=True)
+        if not OmegaConf.is_interpolation(cfg.checkpointing, "save_dir"):
+            fix(cfg.checkpointing, "save_dir", must_exist=False)

@@ -29,6 +29,9 @@ from pretrain.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
 LN2 = math.log(2)
+# Written to the run directory when a signal stopped the run before trainer.max_steps: the
+# slurm scripts requeue the job when they find it.
+REQUEUE = "requeue"
 
 
 class LossModule(torch.nn.Module):
@@ -73,7 +76,19 @@ def model_config_for(cfg, tokenizer):
     return from_run_config(cfg, autocast=autocast, **tokenizer_ids(tokenizer))
 
 
-def check_resume(run_state: dict, model_config, tag_dir: Path) -> None:
+def check_resume(run_state: dict, model_config, tag_dir: Path, ds_cfg: dict,
+                 world: int) -> None:
+    stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
+    if run_state["zero_stage"] != stage:
+        raise ds_config.RunConfigError(
+            f"cannot resume from {tag_dir}: it was written with ZeRO stage "
+            f"{run_state['zero_stage']}, this run uses {stage}; set trainer.deepspeed_config "
+            "to match, or export the weights and start a new run.")
+    if stage >= 1 and run_state["world_size"] != world:
+        raise ds_config.RunConfigError(
+            f"cannot resume from {tag_dir}: its ZeRO-{stage} optimizer state is partitioned "
+            f"over {run_state['world_size']} ranks and this run has {world}; resume with "
+            f"{run_state['world_size']} ranks.")
     saved = run_state["model_config"]
     ours = model_config.to_dict()
     keys = ("backbone", "parameterization", "vocab_size", "mask_index", "length",
@@ -90,6 +105,7 @@ def check_resume(run_state: dict, model_config, tag_dir: Path) -> None:
 
 def run(cfg):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop = Stop()  # first: a signal during set-up must still end in a clean exit
     # ---------------------------------------------------------------- checks first
     ds_cfg = ds_config.build(cfg, D.expected_world_size())
     D.init()
@@ -105,7 +121,7 @@ def run(cfg):
     tag = checkpointing.latest_tag(checkpoint_dir) if cfg.checkpointing.resume_from_ckpt else None
     if tag is not None:
         check_resume(json.loads((checkpoint_dir / tag / checkpointing.RUN_FILE).read_text()),
-                     model_config, checkpoint_dir / tag)
+                     model_config, checkpoint_dir / tag, ds_cfg, world)
     if not cfg.shards.get("build", True):
         _require_built(cfg, tokenizer)
     train_set = open_split(cfg, "train", tokenizer, progress=rank == 0)
@@ -134,10 +150,14 @@ def run(cfg):
         state = checkpointing.load(engine, checkpoint_dir, tag, ema)
         sampler.load_state_dict(state["sampler"])
         step, tokens_seen, skipped_total = state["step"], state["tokens"], state["skipped"]
+        if not (checkpoint_dir / tag / f"rank_{rank:05d}.pt").is_file():
+            _seed_rank(cfg.seed + step, rank)  # a rank the checkpoint did not have
         if rank == 0:
+            checkpointing.discard_unpublished(checkpoint_dir, tag)
             log.info("resumed from %s at step %d", checkpoint_dir / tag, step)
     else:
         _seed_rank(cfg.seed, rank)
+    resumed_step = step
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -150,7 +170,6 @@ def run(cfg):
         num_workers=int(cfg.loader.num_workers), pin_memory=bool(cfg.loader.pin_memory)
         and device.type == "cuda", persistent_workers=False)
     metrics = MetricsLog(run_dir, rank == 0, step, max_steps, cfg.trainer.log_every_n_steps)
-    stop = Stop()
     every = int(cfg.checkpointing.get("every_n_steps", 500))
     keep_last = int(cfg.checkpointing.get("keep_last", 2))
     max_skips = int(cfg.trainer.get("max_skipped_in_a_row", 10))
@@ -171,7 +190,7 @@ def run(cfg):
     while step < max_steps:
         started = time.perf_counter()
         losses, real_tokens, bad = [], 0, False
-        for _ in range(accumulation):
+        for micro_step in range(accumulation):
             try:
                 batch = next(iterator)
             except StopIteration:
@@ -182,25 +201,27 @@ def run(cfg):
             out = engine(input_ids, attention_mask)
             loss = out.loss
             if D.any_rank(not bool(torch.isfinite(loss))):
-                bad = True
+                bad = True  # back-propagate an exact zero instead
                 loss = sum(p.sum() for p in engine.module.parameters()) * 0.0
             engine.backward(loss)
-            if bad:  # a skipped step must not move the weights
-                for group in engine.optimizer.param_groups:
-                    group["lr"] = 0.0
+            if micro_step == accumulation - 1:
+                bad = _guard_step(engine, bad)
             engine.step()
             losses.append(float(out.loss.detach()))
             real_tokens += int(out.token_mask.sum())
+        if not engine.was_step_applied():  # DeepSpeed found inf/NaN gradients itself
+            bad = True
         sampler.advance(global_batch)
         step += 1
         if bad:
             skipped_total += 1
             skipped_in_a_row += 1
             if skipped_in_a_row >= max_skips:
+                metrics.log(step, {"loss": float("nan"), "lr": 0.0, "skipped": skipped_total})
                 raise FloatingPointError(
-                    f"{skipped_in_a_row} steps in a row had a NaN/inf loss (last at step "
-                    f"{step}); lower optim.lr, check the data, or resume from an earlier "
-                    "checkpoint.")
+                    f"{skipped_in_a_row} steps in a row had a NaN/inf loss or gradient (last "
+                    f"at step {step}); lower optim.lr, check the data, or resume from an "
+                    "earlier checkpoint.")
         else:
             skipped_in_a_row = 0
             if ema is not None:
@@ -228,15 +249,34 @@ def run(cfg):
         if D.any_rank(stop.requested):
             save()
             if rank == 0:
+                (run_dir / REQUEUE).write_text(f"stopped by a signal at step {step}\n")
                 log.info("stop requested: saved step %d, exiting 0 for requeue", step)
             metrics.close()
             return 0
         if every > 0 and step % every == 0 and step < max_steps:
             save()
-    save()
+    if step > resumed_step or tag is None:  # never rewrite a published checkpoint
+        save()
     metrics.close()
     D.barrier()
     return 0
+
+
+def _guard_step(engine, bad: bool) -> bool:
+    """Before the optimizer step: a bad step (NaN/inf loss, or under ZeRO-0 a NaN/inf
+    gradient on any rank) gets zero gradients and learning rate 0, so the weights do not
+    move; the scheduler restores the rate at the next step. Returns whether it is bad."""
+    if engine.zero_optimization_stage() == 0:
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        bad = D.any_rank(bad or not finite)
+        if bad:
+            for g in grads:
+                g.zero_()
+    if bad:
+        for group in engine.optimizer.param_groups:
+            group["lr"] = 0.0
+    return bad
 
 
 def _seed_rank(seed: int, rank: int) -> None:
@@ -281,7 +321,7 @@ def validate(engine, model, ema, dataset, cfg, device) -> dict:
     per_rank = math.ceil(len(indices) / world)
     mine = indices[rank * per_rank:(rank + 1) * per_rank]
     if ema is not None:
-        ema.swap_in()
+        ema.swap_in(engine)
     engine.eval()
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed) + 10_000 * rank)
     nll, tokens = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
@@ -298,7 +338,7 @@ def validate(engine, model, ema, dataset, cfg, device) -> dict:
     finally:
         engine.train()
         if ema is not None:
-            ema.swap_out()
+            ema.swap_out(engine)
     total = D.all_reduce(torch.stack([nll, tokens]).to(device))
     mean = float(total[0] / total[1])
     return {"nll": mean, "ppl": math.exp(mean), "bpd": mean / LN2, "tokens": float(total[1])}

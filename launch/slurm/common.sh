@@ -11,6 +11,12 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 # A run directory that survives requeues: checkpoints resume from here.
 RUN_DIR=${RUN_DIR:-$PWD/outputs/$SLURM_JOB_NAME}
 mkdir -p "$RUN_DIR" logs
+# A run stopped by USR1/TERM saves, exits 0 and leaves $RUN_DIR/requeue: put the job back
+# in the queue (--requeue alone only covers preemption and node failure).
 mdlm_srun() {
     srun --kill-on-bad-exit=1 python -u -m pretrain hydra.run.dir="$RUN_DIR" "$@"
+    if [ -f "$RUN_DIR/requeue" ]; then
+        rm -f "$RUN_DIR/requeue"
+        scontrol requeue "$SLURM_JOB_ID"
+    fi
 }

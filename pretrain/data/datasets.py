@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from pretrain.data import shards as fmt
-from pretrain.data.prepare import BuildSpec, block_size_for, build
+from pretrain.data.prepare import BuildSpec, block_size_for, build, shard_dir
 from pretrain.data.sources import is_local, validation_split
 from pretrain.data.tokenizers import get_tokenizer, vocab_hash
 
@@ -54,11 +54,24 @@ def ensure_shards(spec: BuildSpec, tokenizer, progress: bool = True) -> Path:
     dist = _dist()
     if dist is None:
         return build(spec, tokenizer, progress=progress)
+    # Building OpenWebText takes hours, far past the default collective timeout: wait on a
+    # group of our own with a long one.
+    from datetime import timedelta
+
+    waiting = dist.new_group(backend="gloo", timeout=timedelta(days=2))
     directory = None
-    if dist.get_rank() == 0:
-        directory = build(spec, tokenizer, progress=progress)
-    dist.barrier()
-    return directory or build(spec, tokenizer, progress=False)  # finished: returns at once
+    try:
+        if dist.get_rank() == 0:
+            directory = build(spec, tokenizer, progress=progress)
+    finally:
+        dist.barrier(group=waiting)
+    dist.destroy_process_group(waiting)
+    if directory is None:
+        directory = shard_dir(spec, tokenizer)
+        if not (directory / fmt.META).is_file():
+            raise fmt.ShardError(f"rank 0 did not finish the shards in {directory}; see its "
+                                 "error above.")
+    return directory
 
 
 def open_split(cfg, kind: str, tokenizer, progress: bool = True) -> fmt.ShardDataset:

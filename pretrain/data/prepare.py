@@ -246,7 +246,9 @@ def _main(cfg) -> None:
     import json
 
     from pretrain.data.datasets import build_spec, ensure_shards, tokenizer_for
+    from pretrain.resolvers import absolutize_paths
 
+    absolutize_paths(cfg)
     tokenizer = tokenizer_for(cfg)
     summary = {}
     for kind in ("train", "valid"):

@@ -119,12 +119,27 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path, data_dir):
     assert max(losses(tmp_path)) == saved_step + 2
 
 
+def val_nll(run_dir) -> dict:
+    lines = Path(run_dir, "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["val/nll"] for r in map(json.loads, lines) if "val/nll" in r}
+
+
 def test_zero3_ema_export_equals_zero2(tmp_path, data_dir):
     from model import load_pretrained
 
     for stage in (2, 3):
         train(tmp_path / f"z{stage}", data_dir, f"trainer.deepspeed_config=zero{stage}",
-              "trainer.max_steps=6", "checkpointing.every_n_steps=1000", "training.ema=0.9")
+              "trainer.max_steps=6", "checkpointing.every_n_steps=1000", "training.ema=0.9",
+              "trainer.val_check_interval=3")
+    # validation with the EMA swapped in is the same under ZeRO-3 as under ZeRO-2 ...
+    z2, z3 = val_nll(tmp_path / "z2"), val_nll(tmp_path / "z3")
+    assert sorted(z3) == [3, 6]
+    for s in z2:
+        assert z3[s] == pytest.approx(z2[s], rel=1e-5)
+    # ... and leaves training untouched
+    train(tmp_path / "z3-noval", data_dir, "trainer.deepspeed_config=zero3",
+          "trainer.max_steps=6", "checkpointing.every_n_steps=1000", "training.ema=0.9")
+    assert losses(tmp_path / "z3-noval") == losses(tmp_path / "z3")
     out = subprocess.run([sys.executable, "-m", "pretrain.export", str(tmp_path / "z3"),
                           str(tmp_path / "export")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -156,3 +171,14 @@ def test_bad_configurations_fail_early_with_one_sentence(tmp_path, data_dir):
     assert done.returncode == 2 and "hidden_size: checkpoint 64 vs run 32" in done.stderr
     for result in (done,):
         assert "Traceback" not in result.stderr
+
+
+def test_diverging_run_stops_after_k_skipped_steps(tmp_path, data_dir):
+    done = run_cli(tmp_path, data_dir, "optim.lr=inf", "trainer.max_skipped_in_a_row=3",
+                   "trainer.max_steps=50", "trainer.deepspeed_config=zero0",
+                   "loader.batch_size=16")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "3 steps in a row had a NaN/inf loss or gradient" in done.stderr
+    skipped = [json.loads(line)["skipped"] for line in
+               Path(tmp_path, "metrics.jsonl").read_text().splitlines()]
+    assert skipped[-3:] == [1, 2, 3]  # counted, and the third in a row stopped the run
