@@ -43,6 +43,13 @@ def _fill(node, values: dict):
     return node
 
 
+def _autos(node, path="", exclude=()) -> list[str]:
+    if isinstance(node, dict):
+        return [a for k, v in node.items() if k not in exclude
+                for a in _autos(v, f"{path}{k}.", exclude)]
+    return [path.rstrip(".")] if node == "auto" else []
+
+
 def build(cfg, world: int) -> dict:
     """The DeepSpeed config dict of this run."""
     micro = int(cfg.loader.batch_size)
@@ -59,6 +66,10 @@ def build(cfg, world: int) -> dict:
         "gradient_clipping": float(cfg.trainer.gradient_clip_val or 0.0),
     }
     ds = _fill(ds, values)
+    leftover = _autos(ds, exclude=("fp16", "bf16"))
+    if leftover:
+        raise RunConfigError(f"the DeepSpeed config leaves {', '.join(leftover)} as \"auto\", "
+                             "which this codebase does not fill; give them values.")
     fp16 = precision in ("fp16", "16", "16-mixed")
     for key in ("fp16", "bf16"):
         section = ds.get(key)

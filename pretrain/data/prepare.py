@@ -79,7 +79,7 @@ def _tokenize(job):
     if wrap:
         ids = tok(texts, add_special_tokens=False, return_attention_mask=False,
                   return_token_type_ids=False)["input_ids"]
-        eos = tok.eos_token_id
+        eos = framing_ids(tok)[1]
         lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)
         flat = np.fromiter(itertools.chain.from_iterable(x + [eos] for x in ids),
                            dtype=np.int64, count=int(lengths.sum()))
@@ -123,6 +123,13 @@ def _groups(texts, size):
         yield group
 
 
+def framing_ids(tokenizer) -> tuple[int, int]:
+    """BOS and EOS ids as the release computes them for wrapping: the first id of
+    ``encode(bos_token)`` and of ``encode(eos_token)``. For GPT-2 both are <|endoftext|>; for
+    a BERT tokenizer (whose encode adds [CLS] ... [SEP]) both are [CLS], as in the release."""
+    return tokenizer.encode(tokenizer.bos_token)[0], tokenizer.encode(tokenizer.eos_token)[0]
+
+
 def _frame(stream: np.ndarray, block_size: int, bos: int, eos: int):
     """Cuts a token stream into [BOS] + (block_size - 2 tokens) + [EOS] rows; returns the
     rows and the uncut remainder."""
@@ -157,7 +164,7 @@ def build(spec: BuildSpec, tokenizer, progress: bool = True, stop_after=None) ->
 
     vocab_size = len(tokenizer)
     dtype = fmt.token_dtype(vocab_size)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    bos, eos = framing_ids(tokenizer)
     source = open_source(spec.dataset, spec.split, spec.cache_dir, spec.streaming,
                          spec.block_size)
     carry = np.asarray(state["carry"], dtype=np.int64)

@@ -44,18 +44,21 @@ class ResumableSampler(torch.utils.data.Sampler):
         kept = self.steps_per_epoch * self.global_batch_size
         return (kept - self.consumed) // self.world_size
 
-    def order(self, epoch: int) -> list[int]:
-        """The kept global order of ``epoch`` (before the rank split)."""
+    def _order(self, epoch: int) -> torch.Tensor:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + epoch)
             perm = torch.randperm(self.num_samples, generator=g)
         else:
             perm = torch.arange(self.num_samples)
-        return perm[: self.steps_per_epoch * self.global_batch_size].tolist()
+        return perm[: self.steps_per_epoch * self.global_batch_size]
+
+    def order(self, epoch: int) -> list[int]:
+        """The kept global order of ``epoch`` (before the rank split)."""
+        return self._order(epoch).tolist()
 
     def __iter__(self):
-        order = self.order(self.epoch)
-        return iter(order[self.consumed + self.rank::self.world_size])
+        mine = self._order(self.epoch)[self.consumed + self.rank::self.world_size]
+        return iter(mine.tolist())
 
     def advance(self, samples: int) -> None:
         """Records ``samples`` (global) as used; rolls over to the next epoch at its end."""

@@ -120,6 +120,11 @@ class ShardDataset(torch.utils.data.Dataset):
                 raise ShardError(f"shard {path} is missing; rebuild the shards with "
                                  "`python -m pretrain.data.prepare`.")
             size = path.stat().st_size
+            lengths = shard.get("lengths")
+            if lengths is not None and (not (self.directory / lengths).is_file() or (
+                    self.directory / lengths).stat().st_size != 4 * shard["sequences"]):
+                raise ShardError(f"{self.directory / lengths} is missing or truncated; delete "
+                                 f"{self.directory} and rebuild.")
             if size != shard["sequences"] * row_bytes or size != shard["bytes"]:
                 raise ShardError(
                     f"shard {path} has {size} bytes but its metadata says "

@@ -162,3 +162,14 @@ def test_prepare_command_builds_both_splits(tmp_path):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["train"]["sequences"] > 5 * summary["valid"]["sequences"] > 0
     assert "builtin-validation-L64-wrap" in summary["valid"]["directory"]
+
+
+def test_wrap_with_a_bert_tokenizer_frames_with_cls_as_the_release(tmp_path):
+    """The release takes encode(eos_token)[0] as EOS, which is [CLS] for BERT."""
+    tok = word_tokenizer("bert")
+    directory = build(spec(tmp_path, write_jsonl(tmp_path / "d.jsonl", ["w1 w2 w3", "w4 w5"])),
+                      tok, progress=False)
+    cls = 2
+    assert rows(directory)[0][0] == [cls, 6, 7, 8, cls, 9, 10, cls]
+    meta = fmt.read_meta(directory)
+    assert (meta["bos_id"], meta["eos_id"]) == (cls, cls)

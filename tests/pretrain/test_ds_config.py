@@ -1,0 +1,58 @@
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from pretrain import ds_config
+from pretrain.ds_config import RunConfigError
+from pretrain.schedules import lr_lambda
+
+
+def run_cfg(**changes):
+    cfg = {"loader": {"batch_size": 8, "global_batch_size": 64},
+           "trainer": {"precision": "bf16", "gradient_clip_val": 1.0,
+                       "deepspeed_config": "zero2"}}
+    for key, value in changes.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    return OmegaConf.create(cfg)
+
+
+@pytest.mark.parametrize("name", ds_config.NAMES)
+def test_auto_fields_are_filled(name):
+    ds = ds_config.build(run_cfg(trainer__deepspeed_config=name), world=4)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"],
+            ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (64, 8, 2, 1.0)
+    assert ds["fp16"]["enabled"] is False  # bf16: fp32 weights, autocast in the network
+    assert "auto" not in json.dumps(ds)
+
+
+def test_fp16_and_bad_values():
+    assert ds_config.build(run_cfg(trainer__precision="fp16"), 1)["fp16"]["enabled"] is True
+    with pytest.raises(RunConfigError, match="global_batch_size=64 is not a multiple"):
+        ds_config.build(run_cfg(loader__batch_size=24), 1)
+    with pytest.raises(RunConfigError, match="trainer.precision=bf15"):
+        ds_config.build(run_cfg(trainer__precision="bf15"), 1)
+    with pytest.raises(RunConfigError, match="zero9"):
+        ds_config.build(run_cfg(trainer__deepspeed_config="zero9"), 1)
+
+
+def test_unfilled_auto_is_refused(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"train_batch_size": "auto",
+                                "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}))
+    with pytest.raises(RunConfigError, match="zero_optimization.reduce_bucket_size"):
+        ds_config.build(run_cfg(trainer__deepspeed_config=str(path)), 1)
+
+
+def test_lr_schedules():
+    cfg = OmegaConf.create({"optim": {"lr": 1e-3},
+                            "lr_scheduler": {"name": "constant_warmup", "num_warmup_steps": 10}})
+    f = lr_lambda(cfg, 100)
+    assert [f(0), f(5), f(10), f(50)] == [0.0, 0.5, 1.0, 1.0]
+    cfg.lr_scheduler = {"name": "cosine_decay_warmup", "warmup_t": 10, "t_initial": 90,
+                        "warmup_lr_init": 1e-6, "lr_min": 1e-6}
+    f = lr_lambda(cfg, 100)
+    assert f(0) == pytest.approx(1e-3) and f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx((1e-6 + 0.5 * (1e-3 - 1e-6)) / 1e-3)
+    assert f(100) == pytest.approx(1e-3) and f(500) == pytest.approx(1e-3)
