@@ -19,23 +19,7 @@ import torch
 
 from model import Diffusion, ModelConfig
 from model.config import ARCHITECTURES
-
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def peak_flops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def flops_per_token(config: ModelConfig) -> float:
-    """Training FLOPs per token: 6 x parameters of the matmuls + attention scores/values."""
-    h, layers, length, vocab = config.hidden_size, config.n_blocks, config.length, config.vocab_size
-    matmul_params = layers * (12 * h * h + 6 * h * config.cond_dim) + h * vocab
-    attention = layers * 2 * 2 * length * h  # QK^T and AV, forward
-    return 6 * matmul_params + 3 * attention
+from pretrain.flops import flops_per_token, peak_flops
 
 
 def bench(size: str, args) -> dict:

@@ -25,6 +25,7 @@ from model import Diffusion, from_run_config, tokenizer_ids
 from pretrain import checkpointing, ds_config, schedules
 from pretrain import distributed as D
 from pretrain.ema import EMA
+from pretrain.flops import flops_per_token, peak_flops
 from pretrain.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ def run(cfg):
     def save():
         return checkpointing.save(engine, checkpoint_dir, step, run_state(), ema, keep_last)
 
+    peak = peak_flops()
     iterator = iter(loader)
     skipped_in_a_row = 0
     engine.train()
@@ -235,6 +237,8 @@ def run(cfg):
                   "lr": float(scheduler.get_last_lr()[0]) if scheduler else cfg.optim.lr,
                   "tokens": tokens_seen, "tokens_per_s": float(stats[1]) / seconds,
                   "step_seconds": seconds, "skipped": skipped_total}
+        if peak is not None:
+            record["mfu"] = record["tokens_per_s"] / world * flops_per_token(model_config) / peak
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)

@@ -56,3 +56,15 @@ def test_lr_schedules():
     assert f(0) == pytest.approx(1e-3) and f(10) == pytest.approx(1.0)
     assert f(55) == pytest.approx((1e-6 + 0.5 * (1e-3 - 1e-6)) / 1e-3)
     assert f(100) == pytest.approx(1e-3) and f(500) == pytest.approx(1e-3)
+
+
+def test_flops_per_token_counts_the_matmul_weights():
+    from model import ModelConfig
+    from model.dit import DIT
+    from pretrain.flops import flops_per_token
+
+    config = ModelConfig(n_blocks=2)
+    weights = sum(p.numel() for n, p in DIT(config).named_parameters()
+                  if p.ndim == 2 and not n.startswith(("vocab_embed", "sigma_map")))
+    attention = 3 * 2 * 4 * config.length * config.hidden_size
+    assert flops_per_token(config) == pytest.approx(6 * weights + attention, rel=0.01)
