@@ -31,14 +31,33 @@ class CausalBlock(nn.Module):
         self.mlp = mlp(dim)
         self.attn_backend = "sdpa"
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache: list | None = None):
+        """``cache`` (decoding): a [keys, values] pair of earlier positions, extended in
+        place; ``cos``/``sin`` are then those of the new positions."""
         qkv = self.attn_qkv(self.norm1(x))
         qkv = qkv.view(*qkv.shape[:2], 3, self.n_heads, -1)
         qkv = apply_rotary(qkv, cos, sin)
-        h = self.attn_out(attention(qkv, True, self.attn_backend))
+        if cache is None:
+            h = self.attn_out(attention(qkv, True, self.attn_backend))
+        else:
+            h = self.attn_out(cached_attention(qkv, cache))
         x = x + F.dropout(h, p=self.dropout, training=self.training)
         h = self.mlp(self.norm2(x))
         return x + F.dropout(h, p=self.dropout, training=self.training)
+
+
+def cached_attention(qkv: torch.Tensor, cache: list) -> torch.Tensor:
+    """Causal attention of new positions over the cached ones and themselves."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (batch, heads, new, head_dim)
+    if cache[0] is not None:
+        k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+    cache[0], cache[1] = k, v
+    new, total = q.shape[2], k.shape[2]
+    mask = None
+    if new > 1:
+        mask = torch.ones(new, total, dtype=torch.bool, device=q.device).tril(total - new)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).reshape(q.shape[0], new, -1)
 
 
 class CausalFinalLayer(nn.Module):
@@ -76,6 +95,24 @@ class CausalTransformer(nn.Module):
         with mixed_precision(self.config, device):
             for block in self.blocks:
                 x = block(x, cos, sin)
+            logits = self.output_layer(x)
+        logits[:, :, self.mask_index] = MASK_LOGIT
+        return logits.log_softmax(-1)
+
+    def new_cache(self) -> list:
+        return [[None, None] for _ in self.blocks]
+
+    def forward_cached(self, indices: torch.Tensor, cache: list) -> torch.Tensor:
+        """Log-probabilities for ``indices`` (batch, new) that follow the positions held in
+        ``cache`` (from ``new_cache``), which this call extends."""
+        device = indices.device
+        start = 0 if cache[0][0] is None else cache[0][0].shape[2]
+        x = self.vocab_embed(indices)
+        cos, sin = self.rotary_emb(start + indices.shape[1], device)
+        cos, sin = cos[start:], sin[start:]
+        with mixed_precision(self.config, device):
+            for block, layer_cache in zip(self.blocks, cache):
+                x = block(x, cos, sin, layer_cache)
             logits = self.output_layer(x)
         logits[:, :, self.mask_index] = MASK_LOGIT
         return logits.log_softmax(-1)

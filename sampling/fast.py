@@ -1,0 +1,37 @@
+"""The exact fast sampler (``ddpm_fast``): the distribution of ``ddpm_cache`` at the network-
+call limit, for models that are not time conditioned.
+
+Under ``ddpm_cache`` a masked position unmasks at step i with probability
+(t_i - t_{i+1}) / t_i given that it is still masked, that is with probability dt at every
+step and eps never, independently of the network and of the other positions; when it
+unmasks its token follows p_theta(. | current state). Without time conditioning the
+prediction changes only when the state does. So: draw every position's unmasking step from
+the schedule alone, call the network only at the distinct steps where something unmasks,
+and draw tokens only for the positions that unmask there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sampling.categorical import sample_categorical
+
+
+def fast_sample(net, model, x, steps: int, eps: float, generator, gumbel_dtype: str):
+    if model.config.time_conditioning:
+        raise ValueError("sampling.predictor=ddpm_fast needs a model without time "
+                         "conditioning (its prediction must not depend on t); use ddpm_cache.")
+    device = x.device
+    masked = x == model.mask_index
+    # step at which each position unmasks: 0..steps-1 with probability dt = (1 - eps)/steps
+    # each, or `steps` (never; left to noise removal) with probability eps
+    u = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
+    when = torch.floor(u * steps / (1 - eps)).long().clamp_(max=steps)
+    when[~masked] = -1
+    sigma = torch.zeros(x.shape[0], device=device)
+    for step in torch.unique(when[(when >= 0) & (when < steps)]).tolist():
+        rows, cols = torch.nonzero(when == step, as_tuple=True)
+        log_p = net(x, sigma)  # only the rows that change matter; one call for the batch
+        probs = log_p[rows, cols].exp()
+        x[rows, cols] = sample_categorical(probs, generator, gumbel_dtype)
+    return x
