@@ -118,7 +118,9 @@ class DIT(nn.Module):
         self.output_layer = DDitFinalLayer(config.hidden_size, config.vocab_size,
                                            config.cond_dim)
 
-    def forward(self, indices: torch.Tensor, sigma=None) -> torch.Tensor:
+    def forward(self, indices: torch.Tensor, sigma=None, positions=None) -> torch.Tensor:
+        """``positions`` = (rows, cols) projects only those positions onto the vocabulary and
+        returns their logits, shape (k, vocab) (samplers that need a few rows)."""
         device = indices.device
         set_attn_backend(self.blocks, self.config.attn_backend, device)
         sigma = as_sigma(sigma, indices.shape[0], device, self.config.time_conditioning)
@@ -129,6 +131,9 @@ class DIT(nn.Module):
         with mixed_precision(self.config, device):
             for block in self.blocks:
                 x = block(x, cos, sin, c)
+            if positions is not None:
+                rows, cols = positions
+                return self.output_layer(x[rows, cols][:, None], c[rows])[:, 0]
             return self.output_layer(x, c)
 
 

@@ -7,17 +7,22 @@ step and eps never, independently of the network and of the other positions; whe
 unmasks its token follows p_theta(. | current state). Without time conditioning the
 prediction changes only when the state does. So: draw every position's unmasking step from
 the schedule alone, call the network only at the distinct steps where something unmasks,
-and draw tokens only for the positions that unmask there.
+and draw tokens only for the positions that unmask there (the network projects only
+those positions onto the vocabulary).
 """
 
 from __future__ import annotations
 
 import torch
 
+from model.objectives import NEG_INFINITY
 from sampling.categorical import sample_categorical
 
 
 def fast_sample(net, model, x, steps: int, eps: float, generator, gumbel_dtype: str):
+    if model.parameterization != "subs":
+        raise ValueError("sampling.predictor=ddpm_fast samples SUBS models (parameterization=subs"
+                         f"), not {model.parameterization}; use ddpm_cache or analytic.")
     if model.config.time_conditioning:
         raise ValueError("sampling.predictor=ddpm_fast needs a model without time "
                          "conditioning (its prediction must not depend on t); use ddpm_cache.")
@@ -31,7 +36,10 @@ def fast_sample(net, model, x, steps: int, eps: float, generator, gumbel_dtype: 
     sigma = torch.zeros(x.shape[0], device=device)
     for step in torch.unique(when[(when >= 0) & (when < steps)]).tolist():
         rows, cols = torch.nonzero(when == step, as_tuple=True)
-        log_p = net(x, sigma)  # only the rows that change matter; one call for the batch
-        probs = log_p[rows, cols].exp()
+        # one network call; only the unmasking positions are projected onto the vocabulary
+        net.nfe += 1
+        logits = model.backbone(x, sigma, positions=(rows, cols)).float()
+        logits[:, model.mask_index] += NEG_INFINITY  # SUBS: never [MASK]
+        probs = logits.softmax(-1)
         x[rows, cols] = sample_categorical(probs, generator, gumbel_dtype)
     return x

@@ -64,12 +64,17 @@ def run_cli(*args, cwd):
                           capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
-def test_unbuilt_mode_says_so_in_one_sentence(tmp_path):
-    done = run_cli("mode=sample_eval", cwd=tmp_path)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        "mdlm: mode=sample_eval is not available in this version: sampling "
-        "(pretrain.sample) is not built yet."]
+def test_unbuilt_mode_says_so_in_one_sentence(capsys, monkeypatch):
+    from pretrain import cli
+
+    monkeypatch.setitem(cli.MODES, "distill", ("pretrain.distill", "run", "distillation"))
+    cfg = compose_config("mode=distill")
+    with pytest.raises(SystemExit) as stop:
+        cli.dispatch(cfg)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "mdlm: mode=distill is not available in this version: distillation "
+        "(pretrain.distill) is not built yet."]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -21,14 +21,15 @@ class ToyDenoiser(torch.nn.Module):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
 
-    def forward(self, x, sigma=None):
+    def forward(self, x, sigma=None, positions=None):
         p1, p2 = JOINT.sum(1), JOINT.sum(0)
         given_b = torch.cat([(JOINT / JOINT.sum(0)).T, p1[None]])  # row b: P(a | b); MASK
         given_a = torch.cat([JOINT / JOINT.sum(1, keepdim=True), p2[None]])  # row a: P(b | a)
         out = torch.zeros(*x.shape, 4, dtype=torch.float64)
         out[:, 0, :3] = given_b[x[:, 1]]
         out[:, 1, :3] = given_a[x[:, 0]]
-        return out.clamp_min(1e-30).log().float()
+        out = out.clamp_min(1e-30).log().float()
+        return out if positions is None else out[positions]
 
 
 def toy_model():
@@ -75,8 +76,9 @@ def test_fast_sampler_nfe_matches_the_formula():
             super().__init__()
             self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
 
-        def forward(self, x, sigma=None):
-            return torch.zeros(*x.shape, 23)
+        def forward(self, x, sigma=None, positions=None):
+            out = torch.zeros(*x.shape, 23)
+            return out if positions is None else out[positions]
 
     model = Diffusion(tiny_config(length=64)).eval()
     model.backbone = Uniform()
@@ -93,10 +95,23 @@ def test_fast_sampler_nfe_matches_the_formula():
     assert sample(model, 1, length, steps=20, predictor="ddpm", generator=g)[1] == 21
 
 
-def test_fast_sampler_refuses_time_conditioning():
+def test_fast_sampler_refuses_what_it_cannot_sample_exactly():
     model = Diffusion(tiny_config(time_conditioning=True)).eval()
     with pytest.raises(ValueError, match="without time conditioning"):
         sample(model, 1, 12, steps=4, predictor="ddpm_fast")
+    model = Diffusion(tiny_config(parameterization="d3pm", T=10)).eval()
+    with pytest.raises(ValueError, match="parameterization=subs"):
+        sample(model, 1, 12, steps=4, predictor="ddpm_fast")
+
+
+def test_fast_sampler_projects_only_the_unmasking_rows(rng):
+    from model.dit import DIT
+
+    dit = randomize_(DIT(tiny_config()), std=0.1).eval()
+    x = torch.randint(0, 23, (3, 12), generator=rng)
+    rows, cols = torch.tensor([0, 2, 2]), torch.tensor([5, 0, 11])
+    full = dit(x, None)
+    torch.testing.assert_close(dit(x, None, positions=(rows, cols)), full[rows, cols])
 
 
 def test_prefix_and_semi_ar_lengths():

@@ -1,0 +1,107 @@
+"""``mdlm mode=sample_eval``: samples from a checkpoint, with generative perplexity.
+
+Every rank draws ``sampling.num_sample_batches`` batches of ``loader.eval_batch_size``
+samples (``sampling.predictor``: ddpm, ddpm_cache, analytic, ddpm_fast; AR checkpoints
+sample autoregressively with a KV cache; ``sampling.semi_ar=True`` slides windows). Rank 0
+writes them as JSONL (``text``, ``token_ids``, ``nfe``, ``seconds``) to
+``sampling.output_path`` (default ``<run dir>/samples.jsonl``) and a summary beside it
+(``samples_summary.json``: samples/s, tokens/s, mean NFE and, with
+``eval.compute_generative_perplexity=True``, ``gen_ppl``, ``entropy`` and the judge), which
+it also prints last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from evaluation import generative_perplexity, load_judge, unigram_entropy
+from pretrain import distributed as D
+from pretrain.data.shards import atomic_write_bytes
+from pretrain.evaluate import load_model
+from sampling import ar_sample, sample, semi_ar_sample
+
+log = logging.getLogger(__name__)
+
+
+def draw(model, cfg, batch_size: int, generator, bos_index: int):
+    s = cfg.sampling
+    length = int(cfg.model.length)
+    gumbel = str(s.get("gumbel_dtype", "float64"))
+    if model.parameterization == "ar":
+        return ar_sample(model, batch_size, length, bos_index, generator, gumbel)
+    kwargs = dict(steps=int(s.steps), predictor=str(s.predictor),
+                  noise_removal=bool(s.noise_removal), generator=generator,
+                  gumbel_dtype=gumbel)
+    if s.semi_ar:
+        return semi_ar_sample(model, batch_size, length, int(s.stride_length),
+                              int(s.num_strides), **kwargs)
+    return sample(model, batch_size, length, **kwargs)
+
+
+def cut_at_eos(ids: list[int], eos: int, after: int) -> list[int]:
+    """Tokens up to and including the first EOS at or after position ``after``."""
+    for i in range(after, len(ids)):
+        if ids[i] == eos:
+            return ids[: i + 1]
+    return ids
+
+
+def run(cfg):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    D.init()
+    device = D.device()
+    from pretrain.data.datasets import tokenizer_for
+
+    tokenizer = tokenizer_for(cfg)
+    model = load_model(cfg, tokenizer, device)
+    generator = torch.Generator(device=device).manual_seed(int(cfg.seed) + 7919 * D.rank())
+    batch_size = int(cfg.loader.eval_batch_size)
+    records = []
+    started = time.perf_counter()
+    for _ in range(int(cfg.sampling.num_sample_batches)):
+        t0 = time.perf_counter()
+        tokens, nfe = draw(model, cfg, batch_size, generator, tokenizer.bos_token_id)
+        seconds = (time.perf_counter() - t0) / batch_size
+        for row in tokens.tolist():
+            if cfg.sampling.get("stop_at_eos", False):
+                row = cut_at_eos(row, tokenizer.eos_token_id, int(cfg.model.length))
+            records.append({"text": tokenizer.decode(row), "token_ids": row, "nfe": nfe,
+                            "seconds": seconds})
+    elapsed = time.perf_counter() - started
+    if D.world_size() > 1:
+        gathered = [None] * D.world_size()
+        torch.distributed.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+    if D.rank() == 0:
+        out = Path(str(cfg.sampling.get("output_path") or
+                       Path(str(cfg.checkpointing.save_dir)) / "samples.jsonl")).expanduser()
+        atomic_write_bytes(out, "".join(json.dumps(r) + "\n" for r in records).encode())
+        tokens_total = sum(len(r["token_ids"]) for r in records)
+        summary = {
+            "samples": len(records), "predictor": str(cfg.sampling.predictor)
+            if model.parameterization != "ar" else "ar", "steps": int(cfg.sampling.steps),
+            "samples_per_s": len(records) / elapsed,
+            "tokens_per_s": tokens_total / elapsed,
+            "mean_nfe": sum(r["nfe"] for r in records) / len(records),
+            "checkpoint": str(cfg.eval.checkpoint_path), "samples_path": str(out),
+        }
+        if cfg.eval.compute_generative_perplexity:
+            judge_name = str(cfg.eval.gen_ppl_eval_model_name_or_path)
+            judge, judge_tok = load_judge(judge_name, device)
+            summary.update(generative_perplexity(
+                [r["text"] for r in records], judge, judge_tok,
+                max_length=int(cfg.model.length), name=judge_name,
+                batch_size=int(cfg.eval.perplexity_batch_size)))
+            summary["entropy"] = unigram_entropy([r["token_ids"] for r in records])
+        atomic_write_bytes(out.with_name(out.stem + "_summary.json"),
+                           (json.dumps(summary, indent=1) + "\n").encode())
+        for r in records[: int(cfg.sampling.get("num_sample_log", 2))]:
+            print(r["text"][:500] + "\n---")
+        print(json.dumps(summary))
+    D.barrier()
+    return 0
