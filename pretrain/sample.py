@@ -63,7 +63,10 @@ def run(cfg):
     batch_size = int(cfg.loader.eval_batch_size)
     records = []
     started = time.perf_counter()
-    for _ in range(int(cfg.sampling.num_sample_batches)):
+    from tqdm import tqdm
+
+    for _ in tqdm(range(int(cfg.sampling.num_sample_batches)), desc="sampling", unit="batch",
+                  disable=D.rank() != 0):
         t0 = time.perf_counter()
         tokens, nfe = draw(model, cfg, batch_size, generator, tokenizer.bos_token_id)
         seconds = (time.perf_counter() - t0) / batch_size
