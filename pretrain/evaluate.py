@@ -2,9 +2,10 @@
 
 The model comes from ``eval.checkpoint_path`` (an HF directory or hub id, a release
 ``.ckpt``, or one of our runs; EMA weights unless ``eval.disable_ema=True``); the run's
-``backbone``, ``parameterization``, ``time_conditioning``, ``T``, ``subs_masking``, noise
-and ``training.*`` settings apply to it, as in the release. The data is ``data.valid``
-(its validation split), or with ``eval.zero_shot=True`` each of ``eval.zero_shot_datasets``.
+``backbone``, ``parameterization``, ``time_conditioning``, ``T``, ``subs_masking``, noise,
+``model.length`` and ``training.*`` settings apply to it, as in the release. The data is
+``data.valid`` (its validation split), or with ``eval.zero_shot=True`` each of
+``eval.zero_shot_datasets``.
 Every rank evaluates its share of the batches; the sums are reduced exactly.
 """
 
@@ -37,7 +38,7 @@ def load_model(cfg, tokenizer, device):
         antithetic_sampling=training.antithetic_sampling,
         importance_sampling=training.importance_sampling,
         change_of_variables=training.change_of_variables, sampling_eps=training.sampling_eps,
-        backbone="ar" if cfg.backbone == "ar" else "dit",
+        backbone="ar" if cfg.backbone == "ar" else "dit", length=int(cfg.model.length),
         attn_backend=cfg.model.get("attn_backend", "auto"),
         autocast=cfg.model.get("autocast", "auto"),
     )

@@ -111,10 +111,13 @@ def denoiser_update(net, model, x, t, generator, gumbel_dtype):
 @torch.no_grad()
 def sample(model, batch_size: int, length: int, steps: int = 128, predictor: str = "ddpm_cache",
            noise_removal: bool = True, eps: float = 1e-5, generator=None,
-           gumbel_dtype: str = "float64", prefix: torch.Tensor | None = None):
+           gumbel_dtype: str = "float64", prefix: torch.Tensor | None = None,
+           stop_after: int | None = None):
     """Draws ``batch_size`` sequences of ``length`` tokens; returns (tokens, NFE).
 
     ``prefix`` (batch, k) fixes the first k tokens (clean) for semi-autoregressive windows.
+    ``stop_after`` ends a step-by-step predictor after that many of its ``steps`` (for
+    timing the first steps of a long schedule); the result is then still partly masked.
     """
     if predictor not in PREDICTORS:
         raise ValueError(f"sampling.predictor={predictor} is not one of {list(PREDICTORS)}.")
@@ -133,7 +136,7 @@ def sample(model, batch_size: int, length: int, steps: int = 128, predictor: str
         timesteps = torch.linspace(1, eps, steps + 1, device=device)
         dt = (1 - eps) / steps
         p_x0 = None
-        for i in range(steps):
+        for i in range(steps if stop_after is None else min(steps, stop_after)):
             t = timesteps[i] * torch.ones(batch_size, device=device)
             if predictor == "ddpm":
                 x = ddpm_update(net, model, x, t, dt, generator, gumbel_dtype)

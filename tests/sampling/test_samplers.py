@@ -165,3 +165,10 @@ def test_float32_gumbel_reproduces_the_release_draw():
     g = torch.Generator().manual_seed(9)
     gumbel_norm = 1e-10 - (torch.rand(probs.shape, generator=g) + 1e-10).log()
     assert torch.equal(ours, (probs / gumbel_norm).argmax(-1))
+
+
+def test_stop_after_times_the_first_steps_of_a_long_schedule():
+    model = randomize_(Diffusion(tiny_config()), std=0.1).eval()
+    x, nfe = sample(model, 2, 12, steps=1000, predictor="ddpm", noise_removal=False,
+                    stop_after=5, generator=torch.Generator().manual_seed(0))
+    assert nfe == 5 and bool((x == 22).any())
