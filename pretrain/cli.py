@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 
 import hydra
@@ -70,6 +71,80 @@ def dispatch(cfg: DictConfig):
         raise UsageError(str(err)) from None
 
 
+# Keys of the release that do (almost) nothing here: accepted, with a one-line notice.
+_NO_EFFECT = "it has no effect here"
+_RANKS = "the launcher decides the ranks here; it only enters the default loader.batch_size"
+RELEASE_ONLY = {
+    "trainer.devices": _RANKS,
+    "trainer.num_nodes": _RANKS,
+    "trainer.accelerator": f"{_NO_EFFECT} (DeepSpeed picks the accelerator)",
+    "trainer.accumulate_grad_batches": f"{_NO_EFFECT} (accumulation = global batch / "
+                                       "(loader.batch_size x ranks))",
+    "trainer.num_sanity_val_steps": _NO_EFFECT,
+    "trainer.limit_train_batches": _NO_EFFECT,
+    "eval.compute_perplexity_on_sanity": _NO_EFFECT,
+}
+GROUPS = ("model", "data", "noise", "lr_scheduler")
+
+
+def _flat_keys(node, prefix: str = "") -> list[str]:
+    from omegaconf import DictConfig as Dict
+
+    keys = []
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        keys.append(path)
+        child = node._get_node(key)
+        if isinstance(child, Dict):
+            keys.extend(_flat_keys(child, path + "."))
+    return keys
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Before Hydra runs: a misspelt key stops with the closest valid one; keys of the
+    release that mean nothing here are accepted with a notice."""
+    import difflib
+
+    from hydra import compose, initialize_config_module
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    args = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+        choices = [a for a, o in zip(args, parsed) if o.key_or_group in GROUPS]
+        with initialize_config_module(config_module="pretrain.config", version_base=None):
+            cfg = compose(config_name="config", overrides=choices)
+    except Exception:  # malformed overrides: Hydra's own message says what is wrong
+        return
+    known = _flat_keys(cfg)
+    for o in parsed:
+        key = o.key_or_group
+        if key in GROUPS or key.startswith("hydra.") or o.is_delete():
+            continue
+        effect = (f"{_NO_EFFECT} (runs log to TensorBoard and metrics.jsonl)"
+                  if key.startswith("wandb.") else RELEASE_ONLY.get(key))
+        if effect:
+            if os.environ.get("RANK", "0") != "0":  # once, not once per rank
+                continue
+            print(f"mdlm: note: {key} is accepted for compatibility with the MDLM release; "
+                  f"{effect}.", file=sys.stderr)
+            continue
+        if o.is_add() or OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING:
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else "; see pretrain/config/config.yaml."
+        raise UsageError(f"{key} is not a setting{hint}")
+
+
+_MISSING = object()
+
+
 @hydra.main(config_path="config", config_name="config", version_base=None)
-def main(cfg: DictConfig):
+def _hydra_main(cfg: DictConfig):
     return dispatch(cfg)
+
+
+def main():
+    check_overrides(sys.argv[1:])
+    return _hydra_main()

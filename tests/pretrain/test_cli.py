@@ -94,3 +94,23 @@ def test_console_script_points_at_the_cli():
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "mdlm"]
     assert script.value == "pretrain.cli:main"
+
+
+@pytest.mark.parametrize("typo, suggestion", [
+    ("trainer.devicess=2", "did you mean trainer.devices?"),
+    ("sampling.predictr=ddpm", "did you mean sampling.predictor?"),
+    ("model.attn_backnd=sdpa", "did you mean model.attn_backend?"),
+])
+def test_misspelt_key_suggests_the_closest(tmp_path, typo, suggestion):
+    done = run_cli(typo, "model=tiny", cwd=tmp_path)
+    assert done.returncode == 2 and suggestion in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_release_only_keys_are_accepted_with_a_notice(tmp_path):
+    done = run_cli("wandb.name=mdlm-owt", "+wandb.offline=true", "trainer.devices=8",
+                   "trainer.accelerator=gpu", "mode=bogus", cwd=tmp_path)
+    notes = [line for line in done.stderr.splitlines() if line.startswith("mdlm: note:")]
+    assert [n.split()[2] for n in notes] == ["wandb.name", "wandb.offline", "trainer.devices",
+                                             "trainer.accelerator"]
+    assert "mode=bogus is not a mode" in done.stderr  # the run went on to its own checks
