@@ -4,17 +4,8 @@
 # then runs pytest. Extra arguments go to pytest (e.g. `-m "not slow"` for the quick subset).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-VENV=${VENV:-.venv}
-PYTHON=${PYTHON:-python3}
-if [ ! -x "$VENV/bin/python" ]; then
-    "$PYTHON" -m venv "$VENV"
-fi
-PY="$VENV/bin/python"
-if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-    "$PY" -m pip install -q "torch==2.13.0"
-fi
-"$PY" -m pip install -q -e ".[dev]"
+bash launch/setup_env.sh
+PY="${VENV:-.venv}/bin/python"
 
 set +e
 "$PY" -m pytest "$@"
