@@ -22,8 +22,6 @@ from model import CheckpointError, load_pretrained, tokenizer_ids
 from pretrain import distributed as D
 from pretrain.data.shards import atomic_write_bytes
 
-log = logging.getLogger(__name__)
-
 
 def load_model(cfg, tokenizer, device):
     path = str(cfg.eval.checkpoint_path or "")
@@ -68,14 +66,20 @@ def evaluate_split(cfg, model, tokenizer, device) -> dict:
     return result
 
 
-def run(cfg):
+def setup(cfg):
+    """Process group, tokenizer and checkpoint of an evaluation or sampling run:
+    (device, tokenizer, model)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     D.init()
     device = D.device()
     from pretrain.data.datasets import tokenizer_for
 
     tokenizer = tokenizer_for(cfg)
-    model = load_model(cfg, tokenizer, device)
+    return device, tokenizer, load_model(cfg, tokenizer, device)
+
+
+def run(cfg):
+    device, tokenizer, model = setup(cfg)
     out_dir = Path(str(cfg.checkpointing.save_dir)).expanduser()
     if cfg.eval.get("zero_shot", False):
         results = {}

@@ -13,7 +13,6 @@ it also prints last.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -22,10 +21,8 @@ import torch
 from evaluation import generative_perplexity, load_judge, unigram_entropy
 from pretrain import distributed as D
 from pretrain.data.shards import atomic_write_bytes
-from pretrain.evaluate import load_model
+from pretrain.evaluate import setup
 from sampling import ar_sample, sample, semi_ar_sample
-
-log = logging.getLogger(__name__)
 
 
 def draw(model, cfg, batch_size: int, generator, bos_index: int):
@@ -52,13 +49,7 @@ def cut_at_eos(ids: list[int], eos: int, after: int) -> list[int]:
 
 
 def run(cfg):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    D.init()
-    device = D.device()
-    from pretrain.data.datasets import tokenizer_for
-
-    tokenizer = tokenizer_for(cfg)
-    model = load_model(cfg, tokenizer, device)
+    device, tokenizer, model = setup(cfg)
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed) + 7919 * D.rank())
     batch_size = int(cfg.loader.eval_batch_size)
     records = []
