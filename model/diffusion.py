@@ -46,10 +46,6 @@ class Diffusion(nn.Module):
         self.parameterization = config.parameterization
         self.T = config.T
 
-    @property
-    def device(self) -> torch.device:
-        return self.backbone.vocab_embed.embedding.device
-
     def _process_sigma(self, sigma, batch: int, device) -> torch.Tensor | None:
         if self.parameterization == "ar":
             return None
