@@ -40,6 +40,24 @@ def init() -> None:
         torch.cuda.set_device(local_rank())
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False, verbose=False)
+    if not torch.cuda.is_available():
+        _unlink_shm_buffer()
+
+
+def _unlink_shm_buffer() -> None:
+    """DeepSpeed's CPU all-reduce creates one shared-memory buffer per rank in /dev/shm
+    (about 70 MB) and never removes it, so every run would leave its buffers behind until
+    /dev/shm fills the machine's memory. Each rank maps every buffer while the process group
+    starts; after a barrier each rank unlinks its own name, and the memory is freed when
+    the processes exit, however they exit."""
+    if world_size() > 1:
+        dist.barrier()
+    path = os.path.join("/dev/shm", "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), rank()))
+    try:
+        os.unlink(path)
+    except OSError:
+        pass  # no buffer (GPU, several nodes) or already gone
 
 
 def expected_world_size() -> int:

@@ -3,16 +3,16 @@
 One process per rank (the ``deepspeed`` launcher, torchrun or srun). Every check that can
 fail (batch sizes, DeepSpeed config, shards, a checkpoint of another model) runs before the
 model is built. The loop: micro-batches through the engine, an optimizer step, the EMA,
-metrics, validation with the EMA weights every ``trainer.val_check_interval`` steps, a
-checkpoint every ``checkpointing.every_n_steps`` steps, at the end, and on SIGTERM/SIGUSR1
-(then exit 0 so a requeued job resumes).
+metrics, validation with the EMA weights (the bound and samples, ``pretrain.validation``)
+every ``trainer.val_check_interval`` steps, a checkpoint every
+``checkpointing.every_n_steps`` steps, at the end, and on SIGTERM/SIGUSR1 (then exit 0 so
+a requeued job resumes).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -27,9 +27,9 @@ from pretrain import distributed as D
 from pretrain.ema import EMA
 from pretrain.flops import flops_per_token, peak_flops
 from pretrain.metrics import MetricsLog
+from pretrain.validation import validate
 
 log = logging.getLogger(__name__)
-LN2 = math.log(2)
 # Written to the run directory when a signal stopped the run before trainer.max_steps: the
 # slurm scripts requeue the job when they find it.
 REQUEUE = "requeue"
@@ -244,8 +244,9 @@ def run(cfg):
             record["grad_norm"] = float(grad_norm)
         val_every = int(cfg.trainer.val_check_interval or 0)
         if val_every > 0 and step % val_every == 0:
-            record.update({f"val/{k}": v for k, v in
-                           validate(engine, model, ema, valid_set, cfg, device).items()})
+            record.update({f"val/{k}": v for k, v in validate(
+                engine, model, ema, valid_set, cfg, device, tokenizer=tokenizer, step=step,
+                run_dir=run_dir, metrics=metrics).items()})
         metrics.log(step, record)
 
         if fail_at is not None and step == int(fail_at) and rank == 0:
@@ -306,43 +307,3 @@ def _require_built(cfg, tokenizer) -> None:
                 f"the {kind} shards ({directory}) are not built and shards.build=False; run "
                 "`python -m pretrain.data.prepare` with this run's overrides first."
             )
-
-
-@torch.no_grad()
-def validate(engine, model, ema, dataset, cfg, device) -> dict:
-    """NLL, PPL and BPD of the validation split with the EMA weights; every rank runs the
-    same number of batches (padding batches count zero) so ZeRO-3 gathers stay in step."""
-    rank, world = D.rank(), D.world_size()
-    batch_size = int(cfg.loader.eval_batch_size)
-    n = len(dataset)
-    limit = cfg.trainer.get("limit_val_batches", 1.0)
-    total_batches = math.ceil(n / batch_size)
-    if isinstance(limit, float) and limit <= 1.0:
-        total_batches = max(1, int(total_batches * limit))
-    else:
-        total_batches = min(total_batches, int(limit))
-    indices = list(range(min(n, total_batches * batch_size)))
-    per_rank = math.ceil(len(indices) / world)
-    mine = indices[rank * per_rank:(rank + 1) * per_rank]
-    if ema is not None:
-        ema.swap_in(engine)
-    engine.eval()
-    generator = torch.Generator(device=device).manual_seed(int(cfg.seed) + 10_000 * rank)
-    nll, tokens = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    try:
-        for start in range(0, per_rank, batch_size):
-            chunk = mine[start:start + batch_size]
-            weight = 1.0 if chunk else 0.0
-            rows = [dataset[i] for i in (chunk or [0])]
-            input_ids = torch.stack([r["input_ids"] for r in rows]).to(device)
-            mask = torch.stack([r["attention_mask"] for r in rows]).to(device)
-            out = engine(input_ids, mask, generator=generator)
-            nll += weight * out.nlls.double().sum().cpu()
-            tokens += weight * out.token_mask.double().sum().cpu()
-    finally:
-        engine.train()
-        if ema is not None:
-            ema.swap_out(engine)
-    total = D.all_reduce(torch.stack([nll, tokens]).to(device))
-    mean = float(total[0] / total[1])
-    return {"nll": mean, "ppl": math.exp(mean), "bpd": mean / LN2, "tokens": float(total[1])}

@@ -130,12 +130,18 @@ def test_zero3_ema_export_equals_zero2(tmp_path, data_dir):
     for stage in (2, 3):
         train(tmp_path / f"z{stage}", data_dir, f"trainer.deepspeed_config=zero{stage}",
               "trainer.max_steps=6", "checkpointing.every_n_steps=1000", "training.ema=0.9",
-              "trainer.val_check_interval=3")
+              "trainer.val_check_interval=3", "sampling.steps=16")
     # validation with the EMA swapped in is the same under ZeRO-3 as under ZeRO-2 ...
     z2, z3 = val_nll(tmp_path / "z2"), val_nll(tmp_path / "z3")
     assert sorted(z3) == [3, 6]
     for s in z2:
         assert z3[s] == pytest.approx(z2[s], rel=1e-5)
+    # ... so are the samples drawn from it (ZeRO-3 samples from a gathered copy)
+    drawn = {stage: [json.loads(line)["token_ids"] for line in Path(
+        tmp_path, f"z{stage}", "samples", "step_00000006.jsonl").read_text().splitlines()]
+        for stage in (2, 3)}
+    assert len(drawn[2]) == 2 * 2 * 16  # ranks x sampling.num_sample_batches x eval batch
+    assert drawn[3] == drawn[2]
     # ... and leaves training untouched
     train(tmp_path / "z3-noval", data_dir, "trainer.deepspeed_config=zero3",
           "trainer.max_steps=6", "checkpointing.every_n_steps=1000", "training.ema=0.9")
