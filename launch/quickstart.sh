@@ -18,7 +18,9 @@ echo "== preparing the built-in corpus"
 
 echo "== training on 2 ranks for $STEPS steps"
 "$BIN/deepspeed" --num_gpus 2 --no_local_rank --module pretrain "${SIZE[@]}" \
-    loader.global_batch_size=16 loader.batch_size=8 trainer.max_steps="$STEPS" \
+    loader.global_batch_size=16 loader.batch_size=8 loader.eval_batch_size=4 \
+    trainer.max_steps="$STEPS" sampling.predictor=ddpm_fast sampling.steps=128 \
+    sampling.num_sample_batches=1 \
     optim.lr=1e-3 lr_scheduler.num_warmup_steps=20 trainer.val_check_interval="$STEPS" \
     checkpointing.every_n_steps="$STEPS" trainer.precision=32 trainer.log_every_n_steps=25 \
     hydra.run.dir="$RUN"
@@ -30,9 +32,9 @@ echo "== perplexity of the EMA weights on the validation split"
 echo "== samples (ddpm_fast, 1000 steps)"
 "$BIN/mdlm" mode=sample_eval eval.checkpoint_path="$RUN" "${SIZE[@]}" \
     sampling.predictor=ddpm_fast sampling.steps=1000 loader.eval_batch_size=4 \
-    sampling.num_sample_batches=1 sampling.num_sample_log=4 hydra.run.dir="$RUN/samples"
+    sampling.num_sample_batches=1 sampling.num_sample_log=4 hydra.run.dir="$RUN/sample_eval"
 
 echo
 echo "TensorBoard logs: $RUN/tensorboard   (tensorboard --logdir $RUN/tensorboard)"
 echo "checkpoints:      $RUN/checkpoints   (python -m pretrain.export $RUN <dir> for HF weights)"
-echo "samples:          $RUN/samples/samples.jsonl"
+echo "samples:          $RUN/sample_eval/samples.jsonl (and those of validation in $RUN/samples)"

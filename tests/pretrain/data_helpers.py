@@ -31,6 +31,27 @@ def word_tokenizer(kind: str = "gpt2"):
         sep_token="[SEP]", mask_token="[MASK]"))
 
 
+def write_gpt2_style(directory, texts: list[str], vocab_size: int):
+    """A byte-level BPE trained on ``texts``, saved in ``directory`` the way GPT-2's hub
+    files are (tokenizer_class GPT2Tokenizer, <|endoftext|> as BOS, EOS and UNK)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "model_max_length": 1024}))
+    return directory
+
+
 def corpus(n_docs: int, seed: int = 0, max_words: int = 30) -> list[str]:
     import random
 

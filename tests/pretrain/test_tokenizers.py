@@ -1,10 +1,10 @@
-import json
 import pickle
 
 import pytest
 
 from model import tokenizer_ids
 from pretrain.data.tokenizers import Text8Tokenizer, get_tokenizer, vocab_hash
+from tests.pretrain.data_helpers import write_gpt2_style
 
 
 def test_text8_character_tokenizer():
@@ -18,22 +18,9 @@ def test_text8_character_tokenizer():
 
 def gpt2_style_dir(tmp_path):
     """A byte-level BPE saved the way GPT-2's hub files are (tokenizer_class GPT2Tokenizer)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(["hello world, the quick brown fox"] * 20, trainer=trainer)
     directory = tmp_path / "gpt2-like"
     directory.mkdir()
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>",
-        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "model_max_length": 1024}))
-    return directory
+    return write_gpt2_style(directory, ["hello world, the quick brown fox"] * 20, 300)
 
 
 def test_gpt2_rule_mask_is_base_vocab_and_pad_shares_its_id(tmp_path):
