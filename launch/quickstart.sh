@@ -3,13 +3,14 @@
 # built-in corpus (CPython's documentation, a 4k BPE), trains a small MDLM with DeepSpeed on
 # 2 local ranks (CPU, or the GPUs there are), evaluates its perplexity, samples a few texts
 # with the exact fast sampler and prints them.
-#   bash launch/quickstart.sh            (RUN_DIR=runs/quickstart, STEPS=100 by default)
+#   bash launch/quickstart.sh   (RUN_DIR=runs/quickstart, STEPS=100, SAMPLE_STEPS=1000 by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
 BIN=${VENV:-.venv}/bin
 RUN=${RUN_DIR:-runs/quickstart}
 STEPS=${STEPS:-100}
+SAMPLE_STEPS=${SAMPLE_STEPS:-1000}
 export MDLM_DATA_DIR=${MDLM_DATA_DIR:-$PWD/data}
 SIZE=(data=builtin model=tiny model.n_blocks=4 model.length=128)
 
@@ -29,9 +30,9 @@ echo "== perplexity of the EMA weights on the validation split"
 "$BIN/mdlm" mode=ppl_eval eval.checkpoint_path="$RUN" "${SIZE[@]}" loader.eval_batch_size=16 \
     hydra.run.dir="$RUN/eval" | tail -n 1
 
-echo "== samples (ddpm_fast, 1000 steps)"
+echo "== samples (ddpm_fast, $SAMPLE_STEPS steps)"
 "$BIN/mdlm" mode=sample_eval eval.checkpoint_path="$RUN" "${SIZE[@]}" \
-    sampling.predictor=ddpm_fast sampling.steps=1000 loader.eval_batch_size=4 \
+    sampling.predictor=ddpm_fast sampling.steps="$SAMPLE_STEPS" loader.eval_batch_size=4 \
     sampling.num_sample_batches=1 sampling.num_sample_log=4 hydra.run.dir="$RUN/sample_eval"
 
 echo

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_quickstart_runs_from_set_up_to_samples(tmp_path):
     run = tmp_path / "run"
-    env = dict(os.environ, STEPS="8", RUN_DIR=str(run), MDLM_DATA_DIR=str(tmp_path / "data"),
-               VENV=str(Path(sys.executable).parents[1]))
+    env = dict(os.environ, STEPS="8", SAMPLE_STEPS="100", RUN_DIR=str(run),
+               MDLM_DATA_DIR=str(tmp_path / "data"), VENV=str(Path(sys.executable).parents[1]))
     done = subprocess.run(["bash", "launch/quickstart.sh"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
