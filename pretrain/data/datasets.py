@@ -34,6 +34,8 @@ def build_spec(cfg, kind: str) -> BuildSpec:
         streaming=bool(cfg.data.get("streaming", False)) and kind == "train",
         docs_per_shard=int(shard_cfg.get("docs_per_shard", 50_000)),
         num_proc=int(shard_cfg.get("num_proc", 1)),
+        wrap_group_docs=int(shard_cfg.get("wrap_group_docs", 1000)),
+        wrap_group_procs=int(shard_cfg.get("wrap_group_procs", 1)),
     )
 
 

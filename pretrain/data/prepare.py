@@ -5,11 +5,16 @@
 training and evaluation call the same code when shards are missing.
 
 Documents are taken in fixed groups of ``shards.docs_per_shard``; each group becomes one
-shard. Wrap mode appends EOS to every document, concatenates the split, cuts it into
-``block_size - 2`` tokens framed as [BOS] chunk [EOS], carrying the remainder into the next
-group and dropping the split's incomplete tail. Pad mode tokenizes each document with its
-special tokens, truncated and padded to ``block_size``. After each shard, ``progress.json``
-records what is finished (and the carried tokens), so a rerun skips finished shards and
+shard. Wrap mode appends EOS to every document and, as the release's
+``map(group_texts, batched=True, num_proc=P)`` does, concatenates each *wrap group* of
+``shards.wrap_group_docs`` consecutive documents (1000, the release's map batch), cuts it
+into ``block_size - 2`` tokens framed as [BOS] chunk [EOS] and drops the group's incomplete
+tail. With ``shards.wrap_group_procs=P`` the split is first cut into P contiguous parts as
+``datasets`` does for P processes, each grouped from its own start, which reproduces a
+cache the release built with ``num_proc=P``; ``shards.wrap_group_docs=0`` concatenates the
+whole split (one tail dropped). Pad mode tokenizes each document with its special tokens,
+truncated and padded to ``block_size``. After each shard, ``progress.json`` records what is
+finished (and the tokens carried into the next shard), so a rerun skips finished shards and
 produces byte-identical files; ``meta.json``, written last, marks the directory complete.
 """
 
@@ -44,6 +49,8 @@ class BuildSpec:
     docs_per_shard: int = 50_000
     num_proc: int = 1
     batch_docs: int = 1_000
+    wrap_group_docs: int = 1_000  # 0: the whole split is one group
+    wrap_group_procs: int = 1
 
 
 def block_size_for(dataset: str, split: str, length: int) -> int:
@@ -57,6 +64,9 @@ def shard_dir(spec: BuildSpec, tokenizer) -> Path:
         absolute = os.path.abspath(os.path.expanduser(name))
         name = f"{Path(absolute).name}-{hashlib.sha256(absolute.encode()).hexdigest()[:8]}"
     mode = "wrap" if spec.wrap else "pad"
+    if spec.wrap and spec.wrap_group_docs:
+        mode += f"{spec.wrap_group_docs}" + (f"x{spec.wrap_group_procs}"
+                                              if spec.wrap_group_procs > 1 else "")
     root = Path(os.path.expanduser(spec.cache_dir))
     return root / f"{name}-{spec.split}-L{spec.block_size}-{mode}-{vocab_hash(tokenizer)}"
 
@@ -123,6 +133,51 @@ def _groups(texts, size):
         yield group
 
 
+class WrapGroups:
+    """Where the wrap groups of a split end (document indices, exclusive)."""
+
+    def __init__(self, group_docs: int, procs: int, num_docs: int | None, name: str):
+        if group_docs < 0 or procs < 1:
+            raise ValueError(f"shards.wrap_group_docs={group_docs} must be >= 0 and "
+                             f"shards.wrap_group_procs={procs} >= 1.")
+        if procs > 1 and num_docs is None:
+            raise ValueError(f"shards.wrap_group_procs={procs} needs the number of documents "
+                             f"of {name}, which a streamed dataset does not know; set "
+                             "data.streaming=False or shards.wrap_group_procs=1.")
+        self.group_docs = group_docs
+        self.starts = [0]
+        if procs > 1:
+            procs = min(procs, max(num_docs, 1))  # as datasets does for tiny datasets
+            div, mod = divmod(num_docs, procs)
+            self.starts = [div * k + min(k, mod) for k in range(procs)]
+        self.num_docs = num_docs
+
+    def next_end(self, i: int) -> int | None:
+        """The end of the group holding document ``i``; None when the split is one group."""
+        if not self.group_docs:
+            return None
+        part = max(k for k, s in enumerate(self.starts) if s <= i)
+        start = self.starts[part]
+        end = start + ((i - start) // self.group_docs + 1) * self.group_docs
+        if part + 1 < len(self.starts):
+            end = min(end, self.starts[part + 1])
+        return end
+
+
+def _jobs(start: int, count: int, groups: WrapGroups | None, batch_docs: int):
+    """Documents [start, start + count) cut into (offset, size, ends_group) jobs of at most
+    ``batch_docs``, every wrap group ending at the end of a job."""
+    offset = 0
+    while offset < count:
+        size = min(batch_docs, count - offset)
+        ends_group = False
+        end = groups.next_end(start + offset) if groups is not None else None
+        if end is not None and end - start - offset <= size:
+            size, ends_group = end - start - offset, True
+        yield offset, size, ends_group
+        offset += size
+
+
 def framing_ids(tokenizer) -> tuple[int, int]:
     """BOS and EOS ids as the release computes them for wrapping: the first id of
     ``encode(bos_token)`` and of ``encode(eos_token)``. For GPT-2 both are <|endoftext|>; for
@@ -167,6 +222,8 @@ def build(spec: BuildSpec, tokenizer, progress: bool = True, stop_after=None) ->
     bos, eos = framing_ids(tokenizer)
     source = open_source(spec.dataset, spec.split, spec.cache_dir, spec.streaming,
                          spec.block_size)
+    groups = (WrapGroups(spec.wrap_group_docs, spec.wrap_group_procs, source.num_docs,
+                         spec.dataset) if spec.wrap else None)
     carry = np.asarray(state["carry"], dtype=np.int64)
     workers = _Tokenizer(tokenizer, spec.num_proc)
     bar = tqdm(total=source.num_docs, initial=state["docs_done"], unit="doc",
@@ -174,12 +231,18 @@ def build(spec: BuildSpec, tokenizer, progress: bool = True, stop_after=None) ->
     started, new_tokens, new_shards = time.perf_counter(), 0, 0
     try:
         for docs in _groups(source.texts(state["docs_done"]), spec.docs_per_shard):
-            jobs = [(docs[i:i + spec.batch_docs], spec.wrap, spec.block_size)
-                    for i in range(0, len(docs), spec.batch_docs)]
-            parts = list(workers.map(jobs))
+            cuts = list(_jobs(state["docs_done"], len(docs), groups, spec.batch_docs))
+            parts = list(workers.map([(docs[i:i + n], spec.wrap, spec.block_size)
+                                      for i, n, _ in cuts]))
             if spec.wrap:
-                stream = np.concatenate([carry] + [flat for flat, _ in parts])
-                rows, carry = _frame(stream, spec.block_size, bos, eos)
+                pieces = []
+                for (flat, _), (_, _, ends_group) in zip(parts, cuts):
+                    rows, carry = _frame(np.concatenate([carry, flat]), spec.block_size,
+                                         bos, eos)
+                    pieces.append(rows)
+                    if ends_group:
+                        carry = carry[:0]  # the group's incomplete tail is dropped
+                rows = np.concatenate(pieces)
                 lengths = None
             else:
                 rows = np.concatenate([r for r, _ in parts])
@@ -218,6 +281,8 @@ def build(spec: BuildSpec, tokenizer, progress: bool = True, stop_after=None) ->
         "mask_id": tokenizer.mask_token_id if tokenizer.mask_token is not None else None,
         "block_size": spec.block_size,
         "mode": "wrap" if spec.wrap else "pad",
+        "wrap_group_docs": spec.wrap_group_docs if spec.wrap else None,
+        "wrap_group_procs": spec.wrap_group_procs if spec.wrap else None,
         "dtype": np.dtype(dtype).name,
         "num_documents": state["docs_done"],
         "num_sequences": sum(s["sequences"] for s in state["shards"]),

@@ -173,3 +173,42 @@ def test_wrap_with_a_bert_tokenizer_frames_with_cls_as_the_release(tmp_path):
     assert rows(directory)[0][0] == [cls, 6, 7, 8, cls, 9, 10, cls]
     meta = fmt.read_meta(directory)
     assert (meta["bos_id"], meta["eos_id"]) == (cls, cls)
+
+
+@pytest.mark.parametrize("procs", [1, 3])
+def test_wrap_groups_match_the_releases_batched_map(tmp_path, procs):
+    """Blocks equal those of datasets' map(group, batched=True, num_proc=procs) over the
+    tokenized documents, the release's wrapping: each 1000-document batch (of each of the
+    procs contiguous parts) concatenated, cut, and its tail dropped. Shards of 700
+    documents cut groups, a killed build resumes in the middle of one, and 7 worker
+    batches per group change nothing."""
+    import itertools
+
+    import datasets
+
+    tok = word_tokenizer("gpt2")
+    docs = corpus(2600, seed=3, max_words=12)
+    eot = tok.eos_token_id
+    ids = [tok(d, add_special_tokens=False)["input_ids"] + [eot] for d in docs]
+
+    def group(batch):
+        flat = list(itertools.chain(*batch["input_ids"]))
+        body = L - 2
+        return {"input_ids": [[eot] + flat[i:i + body] + [eot]
+                              for i in range(0, len(flat) // body * body, body)]}
+
+    released = datasets.Dataset.from_dict({"input_ids": ids}).map(
+        group, batched=True, num_proc=procs if procs > 1 else None,
+        remove_columns=["input_ids"])["input_ids"]
+
+    data = write_jsonl(tmp_path / "d.jsonl", docs)
+    kw = dict(docs_per_shard=700, batch_docs=150, wrap_group_procs=procs)
+    directory = build(spec(tmp_path, data, **kw), tok, progress=False, stop_after=2)
+    directory = build(spec(tmp_path, data, **kw), tok, progress=False)
+    got = [r for r, _ in rows(directory)]
+    assert got == released
+    whole = [r for r, _ in rows(build(spec(tmp_path / "w", data, wrap_group_docs=0), tok,
+                                      progress=False))]
+    assert len(whole) > len(got)  # one tail dropped instead of one per group
+    assert directory.name != build(spec(tmp_path / "w", data, wrap_group_docs=0), tok,
+                                   progress=False).name
