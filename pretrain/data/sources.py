@@ -113,17 +113,31 @@ def open_source(name: str, split: str, cache_dir: str, streaming: bool = False,
     return Source(name, split, dataset, column, detok)
 
 
+# The hub's automatic Parquet export of every dataset, one directory per config: what
+# remains loadable of the script-based recipes (lm1b, ptb_text_only, scientific_papers)
+# under datasets >= 4, which no longer runs loading scripts.
+PARQUET_EXPORT = "refs/convert/parquet"
+
+
 def _load_hf(path, config, cache_dir, streaming, **kwargs):
     import datasets
 
+    common = dict(cache_dir=os.path.expanduser(cache_dir), streaming=streaming, **kwargs)
     try:
-        return datasets.load_dataset(path, config, cache_dir=os.path.expanduser(cache_dir),
-                                     streaming=streaming, **kwargs)
+        return datasets.load_dataset(path, config, **common)
     except Exception as err:  # network, unknown name, missing split: one sentence
-        raise ValueError(
-            f"could not load dataset {path!r}{f' ({config})' if config else ''} split "
-            f"{kwargs.get('split')!r}: {type(err).__name__}: {str(err)[:200]}"
-        ) from err
+        first = err
+    if "script" in str(first).lower() or "trust_remote_code" in str(first):
+        try:
+            return datasets.load_dataset(path, data_dir=config, revision=PARQUET_EXPORT,
+                                         **common)
+        except Exception as err:
+            first = err
+    raise ValueError(
+        f"could not load dataset {path!r}{f' ({config})' if config else ''} split "
+        f"{kwargs.get('split')!r}: {type(first).__name__}: {str(first)[:200]}; point "
+        "data.train / data.valid at a local copy (.parquet, .jsonl, .txt) instead."
+    ) from first
 
 
 def read_local(path: Path) -> list[str]:

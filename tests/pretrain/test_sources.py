@@ -74,3 +74,29 @@ def test_text8_chunks(tmp_path, monkeypatch):
 def test_streamed_openwebtext_split_is_refused(tmp_path):
     with pytest.raises(ValueError, match="data.streaming=False"):
         open_source("openwebtext-valid", "validation", str(tmp_path), streaming=True)
+
+
+def test_script_datasets_fall_back_to_the_hubs_parquet_export(tmp_path, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def load_dataset(path, name=None, **kw):
+        calls.append((path, name, kw.get("data_dir"), kw.get("revision"), kw["split"]))
+        if kw.get("revision") is None:
+            raise RuntimeError("Dataset scripts are no longer supported, but found "
+                               "scientific_papers.py")
+        return ["a paper"]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    source = sources.open_source("scientific_papers_arxiv", "test", str(tmp_path))
+    assert list(source.texts()) == ["a paper"]
+    assert calls == [("scientific_papers", "arxiv", None, None, "test"),
+                     ("scientific_papers", None, "arxiv", "refs/convert/parquet", "test")]
+
+    def offline(path, name=None, **kw):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ValueError, match="could not load dataset 'lm1b'.*local copy"):
+        sources.open_source("lm1b", "train", str(tmp_path))
