@@ -85,6 +85,12 @@ RELEASE_ONLY = {
     "eval.compute_perplexity_on_sanity": _NO_EFFECT,
 }
 GROUPS = ("model", "data", "noise", "lr_scheduler")
+# The release's Lightning-only groups: its DDP/FSDP strategy (DeepSpeed's config is
+# trainer.deepspeed_config here) and its callbacks (checkpointing.* here). Their overrides
+# are dropped before Hydra sees them, with a notice; the one with a meaning here is renamed.
+LIGHTNING_GROUPS = ("strategy", "callbacks")
+RENAMED = {"callbacks.checkpoint_every_n_steps.every_n_train_steps":
+           "checkpointing.every_n_steps"}
 
 
 def _flat_keys(node, prefix: str = "") -> list[str]:
@@ -98,6 +104,30 @@ def _flat_keys(node, prefix: str = "") -> list[str]:
         if isinstance(child, Dict):
             keys.extend(_flat_keys(child, path + "."))
     return keys
+
+
+def _note(text: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # once, not once per rank
+        print(f"mdlm: note: {text}", file=sys.stderr)
+
+
+def translate_lightning(argv: list[str]) -> list[str]:
+    """``argv`` without the release's ``strategy``/``callbacks`` overrides (each noted), the
+    checkpoint interval renamed to ours."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        root = key.split(".")[0].split("@")[0]
+        if not sep or root not in LIGHTNING_GROUPS or arg.startswith("-"):
+            out.append(arg)
+        elif key in RENAMED:
+            _note(f"{key}={value} is read as {RENAMED[key]}={value}.")
+            out.append(f"{RENAMED[key]}={value}")
+        else:
+            _note(f"{arg} is accepted for compatibility with the MDLM release; {_NO_EFFECT} "
+                  "(Lightning's strategy and callbacks are trainer.deepspeed_config and "
+                  "checkpointing.* here).")
+    return out
 
 
 def check_overrides(argv: list[str]) -> None:
@@ -125,10 +155,7 @@ def check_overrides(argv: list[str]) -> None:
         effect = (f"{_NO_EFFECT} (runs log to TensorBoard and metrics.jsonl)"
                   if key.startswith("wandb.") else RELEASE_ONLY.get(key))
         if effect:
-            if os.environ.get("RANK", "0") != "0":  # once, not once per rank
-                continue
-            print(f"mdlm: note: {key} is accepted for compatibility with the MDLM release; "
-                  f"{effect}.", file=sys.stderr)
+            _note(f"{key} is accepted for compatibility with the MDLM release; {effect}.")
             continue
         if o.is_add() or OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING:
             continue
@@ -146,5 +173,6 @@ def _hydra_main(cfg: DictConfig):
 
 
 def main():
+    sys.argv[1:] = translate_lightning(sys.argv[1:])
     check_overrides(sys.argv[1:])
     return _hydra_main()

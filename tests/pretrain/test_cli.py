@@ -114,3 +114,17 @@ def test_release_only_keys_are_accepted_with_a_notice(tmp_path):
     assert [n.split()[2] for n in notes] == ["wandb.name", "wandb.offline", "trainer.devices",
                                              "trainer.accelerator"]
     assert "mode=bogus is not a mode" in done.stderr  # the run went on to its own checks
+
+
+def test_lightning_strategy_and_callbacks_are_noted_or_renamed(tmp_path, capsys):
+    from pretrain.cli import translate_lightning
+
+    args = ["strategy=ddp", "strategy.find_unused_parameters=false", "model=tiny",
+            "callbacks.checkpoint_every_n_steps.every_n_train_steps=20000",
+            "+callbacks.checkpoint_every_n_steps.save_last=True", "seed=3"]
+    assert translate_lightning(args) == ["model=tiny", "checkpointing.every_n_steps=20000",
+                                         "seed=3"]
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 4 and all(n.startswith("mdlm: note:") for n in notes)
+    done = run_cli(*args, "mode=bogus", cwd=tmp_path)
+    assert "mode=bogus is not a mode" in done.stderr  # Hydra never saw the Lightning keys
