@@ -27,7 +27,7 @@ from pretrain import distributed as D
 from pretrain.ema import EMA
 from pretrain.flops import flops_per_token, peak_flops
 from pretrain.metrics import MetricsLog
-from pretrain.validation import validate
+from pretrain.validation import check_sampling, validate
 
 log = logging.getLogger(__name__)
 # Written to the run directory when a signal stopped the run before trainer.max_steps: the
@@ -109,6 +109,7 @@ def run(cfg):
     stop = Stop()  # first: a signal during set-up must still end in a clean exit
     # ---------------------------------------------------------------- checks first
     ds_cfg = ds_config.build(cfg, D.expected_world_size())
+    check_sampling(cfg)
     D.init()
     rank, world, device = D.rank(), D.world_size(), D.device()
     run_dir = run_dir_of(cfg)

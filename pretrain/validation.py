@@ -79,6 +79,31 @@ def wants_samples(cfg) -> bool:
         cfg.sampling.num_sample_batches) > 0
 
 
+def check_sampling(cfg) -> None:
+    """The sampler settings of validation, checked before training starts rather than at
+    the first validation."""
+    from pretrain.ds_config import RunConfigError
+    from sampling.diffusion import PREDICTORS
+
+    if not wants_samples(cfg) or cfg.parameterization == "ar":
+        return
+    s = cfg.sampling
+    predictor = str(s.predictor)
+    fix = "set another sampling.predictor, or eval.generate_samples=False"
+    if predictor not in PREDICTORS:
+        raise RunConfigError(f"sampling.predictor={predictor} is not one of "
+                             f"{list(PREDICTORS)}.")
+    if predictor == "ddpm_fast" and cfg.parameterization != "subs":
+        raise RunConfigError(f"sampling.predictor=ddpm_fast samples SUBS models, not "
+                             f"parameterization={cfg.parameterization}; {fix}.")
+    if predictor in ("ddpm_cache", "ddpm_fast") and cfg.noise.type != "loglinear":
+        raise RunConfigError(f"sampling.predictor={predictor} needs noise=loglinear, not "
+                             f"noise={cfg.noise.type}; {fix}.")
+    if s.semi_ar and not 0 < int(s.stride_length) < int(cfg.model.length):
+        raise RunConfigError(f"sampling.stride_length={s.stride_length} must lie in (0, "
+                             f"model.length={cfg.model.length}) for sampling.semi_ar=True.")
+
+
 def whole_model(engine, model, device):
     """``model`` itself, or under ZeRO-3 an ordinary copy of it with every parameter
     gathered: ranks then sample independently (their numbers of network calls differ),

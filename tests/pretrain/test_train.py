@@ -172,6 +172,9 @@ def test_bad_configurations_fail_early_with_one_sentence(tmp_path, data_dir):
     done = run_cli(tmp_path / "c", data_dir, "shards.build=False",
                    "data.cache_dir=" + str(tmp_path / "empty"))
     assert done.returncode == 2 and "not built and shards.build=False" in done.stderr
+    done = run_cli(tmp_path / "e", data_dir, "parameterization=sedd", "time_conditioning=True",
+                   "sampling.predictor=ddpm_fast", "trainer.val_check_interval=2")
+    assert done.returncode == 2 and "ddpm_fast samples SUBS models" in done.stderr
     assert run_cli(tmp_path / "d", data_dir, "trainer.max_steps=2").returncode == 0
     done = run_cli(tmp_path / "d", data_dir, "trainer.max_steps=4", "model.hidden_size=32")
     assert done.returncode == 2 and "hidden_size: checkpoint 64 vs run 32" in done.stderr
