@@ -96,6 +96,15 @@ def all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return value
 
 
+def gather_lists(items: list) -> list:
+    """Every rank's list (picklable items), concatenated in rank order, on every rank."""
+    if world_size() == 1:
+        return items
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
 def any_rank(flag: bool) -> bool:
     """True when ``flag`` is set on any rank (every rank gets the same answer)."""
     t = torch.tensor([1.0 if flag else 0.0], device=device())

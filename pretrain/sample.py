@@ -40,6 +40,23 @@ def draw(model, cfg, batch_size: int, generator, bos_index: int):
     return sample(model, batch_size, length, **kwargs)
 
 
+def score_samples(texts: list[str], token_ids: list[list[int]], cfg, device,
+                  generative: bool = True) -> dict:
+    """The samples' unigram ``entropy`` and, when ``generative``, their generative
+    perplexity under the judge ``eval.gen_ppl_eval_model_name_or_path`` (loaded here and
+    released after)."""
+    result = {}
+    if generative:
+        name = str(cfg.eval.gen_ppl_eval_model_name_or_path)
+        judge, judge_tokenizer = load_judge(name, device)
+        result.update(generative_perplexity(texts, judge, judge_tokenizer,
+                                            max_length=int(cfg.model.length), name=name,
+                                            batch_size=int(cfg.eval.perplexity_batch_size)))
+        del judge
+    result["entropy"] = unigram_entropy(token_ids)
+    return result
+
+
 def cut_at_eos(ids: list[int], eos: int, after: int) -> list[int]:
     """Tokens up to and including the first EOS at or after position ``after``."""
     for i in range(after, len(ids)):
@@ -67,10 +84,7 @@ def run(cfg):
             records.append({"text": tokenizer.decode(row), "token_ids": row, "nfe": nfe,
                             "seconds": seconds})
     elapsed = time.perf_counter() - started
-    if D.world_size() > 1:
-        gathered = [None] * D.world_size()
-        torch.distributed.all_gather_object(gathered, records)
-        records = [r for part in gathered for r in part]
+    records = D.gather_lists(records)
     if D.rank() == 0:
         out = Path(str(cfg.sampling.get("output_path") or
                        Path(str(cfg.checkpointing.save_dir)) / "samples.jsonl")).expanduser()
@@ -85,13 +99,8 @@ def run(cfg):
             "checkpoint": str(cfg.eval.checkpoint_path), "samples_path": str(out),
         }
         if cfg.eval.compute_generative_perplexity:
-            judge_name = str(cfg.eval.gen_ppl_eval_model_name_or_path)
-            judge, judge_tok = load_judge(judge_name, device)
-            summary.update(generative_perplexity(
-                [r["text"] for r in records], judge, judge_tok,
-                max_length=int(cfg.model.length), name=judge_name,
-                batch_size=int(cfg.eval.perplexity_batch_size)))
-            summary["entropy"] = unigram_entropy([r["token_ids"] for r in records])
+            summary.update(score_samples([r["text"] for r in records],
+                                         [r["token_ids"] for r in records], cfg, device))
         atomic_write_bytes(out.with_name(out.stem + "_summary.json"),
                            (json.dumps(summary, indent=1) + "\n").encode())
         for r in records[: int(cfg.sampling.get("num_sample_log", 2))]:

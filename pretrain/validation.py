@@ -126,9 +126,8 @@ def whole_model(engine, model, device):
 
 def samples(engine, model, cfg, tokenizer, device, step: int, run_dir: Path | None,
             metrics) -> dict:
-    from evaluation import generative_perplexity, load_judge, unigram_entropy
     from pretrain.data.shards import atomic_write_bytes
-    from pretrain.sample import draw
+    from pretrain.sample import draw, score_samples
 
     sampler = whole_model(engine, model, device)
     generator = torch.Generator(device=device).manual_seed(
@@ -140,10 +139,7 @@ def samples(engine, model, cfg, tokenizer, device, step: int, run_dir: Path | No
         rows += tokens.tolist()
         nfes.append(nfe)
     del sampler
-    if D.world_size() > 1:
-        gathered = [None] * D.world_size()
-        torch.distributed.all_gather_object(gathered, rows)
-        rows = [r for part in gathered for r in part]
+    rows = D.gather_lists(rows)
     result = {}
     if D.rank() == 0:
         texts = tokenizer.batch_decode(rows)
@@ -153,15 +149,9 @@ def samples(engine, model, cfg, tokenizer, device, step: int, run_dir: Path | No
                 for t, r in zip(texts, rows)).encode())
         if metrics is not None:
             metrics.text(step, "val/samples", texts[: int(cfg.sampling.num_sample_log)])
-        result["entropy"] = unigram_entropy(rows)
+        scored = score_samples(texts, rows, cfg, device,
+                               generative=bool(cfg.eval.compute_generative_perplexity))
+        result = {k: scored[k] for k in ("entropy", "gen_ppl", "gen_nll") if k in scored}
         result["sample_nfe"] = sum(nfes) / len(nfes)
-        if cfg.eval.compute_generative_perplexity:
-            name = str(cfg.eval.gen_ppl_eval_model_name_or_path)
-            judge, judge_tokenizer = load_judge(name, device)
-            scored = generative_perplexity(texts, judge, judge_tokenizer,
-                                           max_length=int(cfg.model.length),
-                                           batch_size=int(cfg.eval.perplexity_batch_size))
-            result.update(gen_ppl=scored["gen_ppl"], gen_nll=scored["gen_nll"])
-            del judge
     D.barrier()
     return result

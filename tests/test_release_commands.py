@@ -110,29 +110,23 @@ def _model(vocab_size: int, seed: int, **changes) -> Diffusion:
 
 
 def _release_ckpt(path: Path, model: Diffusion, tokenizer, **top) -> None:
-    """A Lightning .ckpt as the release writes it: raw weights, EMA shadow params in the
-    backbone's parameter order, the Hydra config and the tokenizer pickled in."""
-    from omegaconf import OmegaConf
+    """A Lightning .ckpt as the release writes it: raw weights (the EMA + 0.01), the EMA
+    shadow params in the backbone's parameter order, the Hydra config and the tokenizer."""
+    import copy
+
+    from tests.model.test_checkpoint import release_config, write_release_ckpt
 
     c = model.config
-    config = OmegaConf.create({
-        "mode": "train", "backbone": "dit", "parameterization": "subs",
-        "time_conditioning": False, "T": 0, "subs_masking": False,
-        "model": {"name": "small", "type": "ddit", "hidden_size": c.hidden_size,
-                  "cond_dim": c.cond_dim, "length": c.length, "n_blocks": c.n_blocks,
-                  "n_heads": c.n_heads, "scale_by_sigma": True, "dropout": 0.1},
-        "noise": {"type": "loglinear", "sigma_min": 1e-4, "sigma_max": 20},
-        "training": {"ema": 0.9999, "antithetic_sampling": True,
-                     "importance_sampling": False, "sampling_eps": 1e-3,
-                     "change_of_variables": False}, **top})
-    raw = {"backbone." + k: (v + 0.01 if v.is_floating_point() else v).clone()
-           for k, v in model.backbone.state_dict().items()}
-    torch.save({"epoch": 3, "global_step": 1000, "pytorch-lightning_version": "2.2.1",
-                "state_dict": raw, "hyper_parameters": {"config": config, "tokenizer": tokenizer},
-                "ema": {"decay": 0.9999, "num_updates": 1000, "collected_params": None,
-                        "shadow_params": [p.detach().clone()
-                                          for p in model.backbone.parameters()]},
-                "loops": {}, "optimizer_states": [], "lr_schedulers": []}, path)
+    config = release_config(model={
+        "name": "small", "type": "ddit", "hidden_size": c.hidden_size, "cond_dim": c.cond_dim,
+        "length": c.length, "n_blocks": c.n_blocks, "n_heads": c.n_heads,
+        "scale_by_sigma": True, "dropout": 0.1}, **top)
+    raw = copy.deepcopy(model.backbone)
+    with torch.no_grad():
+        for p in raw.parameters():
+            p.add_(0.01)
+    write_release_ckpt(path, raw, config, [p.detach().clone()
+                                           for p in model.backbone.parameters()], tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -150,7 +150,6 @@ class WrapGroups:
             procs = min(procs, max(num_docs, 1))  # as datasets does for tiny datasets
             div, mod = divmod(num_docs, procs)
             self.starts = [div * k + min(k, mod) for k in range(procs)]
-        self.num_docs = num_docs
 
     def next_end(self, i: int) -> int | None:
         """The end of the group holding document ``i``; None when the split is one group."""
