@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from model.attention import attention
 from model.config import ModelConfig
-from model.dit import mixed_precision, set_attn_backend
+from model.dit import mixed_precision, run_blocks, set_attn_backend
 from model.layers import EmbeddingLayer, LayerNorm, Rotary, apply_rotary, mlp
+from model.projection import Projection
 
 MASK_LOGIT = -1000.0  # the value the reference AR network writes at the [MASK] logit
 
@@ -64,7 +65,7 @@ class CausalFinalLayer(nn.Module):
     def __init__(self, hidden_size: int, out_channels: int):
         super().__init__()
         self.norm_final = LayerNorm(hidden_size)
-        self.linear = nn.Linear(hidden_size, out_channels)
+        self.linear = Projection(hidden_size, out_channels)
         self.linear.weight.data.zero_()
         self.linear.bias.data.zero_()
 
@@ -86,18 +87,33 @@ class CausalTransformer(nn.Module):
         )
         self.output_layer = CausalFinalLayer(config.hidden_size, config.vocab_size)
 
-    def forward(self, indices: torch.Tensor, sigma=None) -> torch.Tensor:
-        """Log-probabilities of the next token at every position; ``sigma`` is ignored."""
+    def trunk(self, indices: torch.Tensor) -> torch.Tensor:
+        """The last block's hidden states, (batch, length, hidden)."""
         device = indices.device
         set_attn_backend(self.blocks, self.config.attn_backend, device)
         x = self.vocab_embed(indices)
         cos, sin = self.rotary_emb(indices.shape[1], device)
         with mixed_precision(self.config, device):
-            for block in self.blocks:
-                x = block(x, cos, sin)
+            return run_blocks(self.blocks, x, (cos, sin), self.config.activation_checkpointing)
+
+    def forward(self, indices: torch.Tensor, sigma=None) -> torch.Tensor:
+        """Log-probabilities of the next token at every position; ``sigma`` is ignored."""
+        x = self.trunk(indices)
+        with mixed_precision(self.config, indices.device):
             logits = self.output_layer(x)
         logits[:, :, self.mask_index] = MASK_LOGIT
         return logits.log_softmax(-1)
+
+    def row_losses(self, indices: torch.Tensor, sigma, positions, row_loss, aux=(),
+                   row_weights=None):
+        """As ``DIT.row_losses``; ``positions`` None scores every position (rows in
+        batch-major order), without waiting on the device to count them."""
+        x = self.trunk(indices)
+        with mixed_precision(self.config, indices.device):
+            h = self.output_layer.norm_final(x)
+            h = h.reshape(-1, h.shape[-1]) if positions is None else h[positions]
+            return self.output_layer.linear(h, row_loss, aux, row_weights,
+                                            self.config.loss_chunk_rows)
 
     def new_cache(self) -> list:
         return [[None, None] for _ in self.blocks]

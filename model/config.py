@@ -13,6 +13,7 @@ BACKBONES = ("dit", "ar")
 PARAMETERIZATIONS = ("subs", "d3pm", "sedd", "ar")
 ATTN_BACKENDS = ("auto", "sdpa", "flash")
 AUTOCAST = ("auto", "bf16", "fp16", "off")
+LOSS_PATHS = ("masked", "full")
 
 # Architectures of the model config group (hidden size, blocks, heads, conditioning width).
 ARCHITECTURES = {
@@ -54,6 +55,12 @@ class ModelConfig:
     attn_backend: str = "auto"
     autocast: str = "auto"
     compile: bool = False
+    # "masked": the output projection and loss run only where the loss can be nonzero, in
+    # chunks of loss_chunk_rows rows; "full": every position's logits at once (the release's
+    # computation, kept for comparison)
+    loss_path: str = "masked"
+    loss_chunk_rows: int = 512
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
 
     def __post_init__(self):
         self.noise = dict(self.noise)
@@ -94,6 +101,11 @@ class ModelConfig:
              f"use one of {list(ATTN_BACKENDS)}.")
         need(self.autocast in AUTOCAST,
              f"model.autocast={self.autocast!r} is not known; use one of {list(AUTOCAST)}.")
+        need(self.loss_path in LOSS_PATHS,
+             f"model.loss_path={self.loss_path!r} is not known; use one of {list(LOSS_PATHS)}.")
+        need(self.loss_chunk_rows >= 1,
+             f"model.loss_chunk_rows={self.loss_chunk_rows} must be at least 1 (rows of logits "
+             "scored at once).")
         need(self.hidden_size % self.n_heads == 0,
              f"model.hidden_size={self.hidden_size} is not divisible by "
              f"model.n_heads={self.n_heads}; pick a head count that divides it.")
@@ -190,6 +202,9 @@ def from_run_config(cfg, vocab_size: int, mask_index: int, **extra) -> ModelConf
         attn_backend=m.get("attn_backend", "auto"),
         autocast=m.get("autocast", "auto"),
         compile=m.get("compile", False),
+        loss_path=m.get("loss_path", "masked"),
+        loss_chunk_rows=m.get("loss_chunk_rows", 512),
+        activation_checkpointing=m.get("activation_checkpointing", False),
     )
     values.update(extra)
     return ModelConfig(**values)

@@ -9,12 +9,13 @@ tokens. ``Diffusion.backbone(input_ids, sigma)`` is the bare network (float32 lo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 
 from model import objectives as obj
-from model.causal import CausalTransformer
+from model.causal import MASK_LOGIT, CausalTransformer
 from model.config import ModelConfig
 from model.dit import DIT, as_sigma
 from model.noise import get_noise, log_masking_bounds
@@ -25,6 +26,15 @@ class Loss:
     loss: torch.Tensor  # scalar: sum of per-token losses / number of real tokens
     nlls: torch.Tensor  # (batch, length) per-token losses, zero at padding
     token_mask: torch.Tensor  # (batch, length) the attention mask the losses count
+
+
+@dataclass
+class Noised:
+    t: torch.Tensor  # (batch,) diffusion times (on the grid when T > 0)
+    sigma: torch.Tensor | None  # (batch,) total noise (None under change of variables)
+    dsigma: torch.Tensor | None  # (batch,) its time derivative
+    conditioning: torch.Tensor  # what the network is given as sigma
+    xt: torch.Tensor  # (batch, length) the noised input
 
 
 def build_backbone(config: ModelConfig) -> nn.Module:
@@ -70,13 +80,14 @@ class Diffusion(nn.Module):
             t = self.noise.importance_sampling_transformation(t)
         return t
 
-    def diffusion_losses(self, x0: torch.Tensor, t: torch.Tensor | None = None,
-                         generator=None) -> torch.Tensor:
-        """Per-token diffusion losses of x0 at times t (drawn as in training when None)."""
+    def noised(self, x0: torch.Tensor, t: torch.Tensor | None = None,
+               generator=None) -> Noised:
+        """Draws t (as in training when None) and x_t, with the network's conditioning."""
         if t is None:
             t = self.sample_t(x0.shape[0], x0.device, generator)
         if self.T > 0:
             t = obj.discretize(t, self.T)
+        sigma = dsigma = None
         if self.config.change_of_variables:
             conditioning = t
             f_T, f_0 = log_masking_bounds(self.noise, t)
@@ -86,18 +97,83 @@ class Diffusion(nn.Module):
             conditioning = sigma
             move_chance = 1 - torch.exp(-sigma[:, None])
         xt = obj.q_xt(x0, move_chance, self.mask_index, generator)
-        out = self.forward(xt, conditioning)
+        return Noised(t, sigma, dsigma, conditioning, xt)
 
+    def diffusion_losses(self, x0: torch.Tensor, t: torch.Tensor | None = None,
+                         generator=None) -> torch.Tensor:
+        """Per-token diffusion losses of x0 at times t (drawn as in training when None),
+        from the full (batch, length, vocab) output: the release's computation."""
+        n = self.noised(x0, t, generator)
+        out = self.forward(n.xt, n.conditioning)
         if self.parameterization == "sedd":
-            return obj.score_entropy(out, sigma, dsigma, xt, x0, self.mask_index)
+            return obj.score_entropy(out, n.sigma, n.dsigma, n.xt, x0, self.mask_index)
         if self.T > 0:
-            loss = obj.discrete_time_loss(out, xt, x0, t, self.T, self.mask_index)
+            loss = obj.discrete_time_loss(out, n.xt, x0, n.t, self.T, self.mask_index)
             if self.parameterization == "d3pm":
                 loss = loss + self.reconstruction_losses(x0)
             return loss
         if self.config.change_of_variables or self.config.importance_sampling:
             return obj.subs.subs_loss_reweighted(out, x0, self.noise.sigma_min)
-        return obj.subs_loss(out, x0, sigma, dsigma)
+        return obj.subs_loss(out, x0, n.sigma, n.dsigma)
+
+    def masked_losses(self, x0: torch.Tensor, mask: torch.Tensor, t=None,
+                      generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The diffusion loss where it can be nonzero only: at the masked real positions of
+        x_t the network's output is projected and scored in chunks (``model.projection``).
+        Same draws as ``diffusion_losses``. Returns (sum of per-token losses, which carries
+        the gradient; per-token losses (batch, length), zero elsewhere, as values)."""
+        n = self.noised(x0, t, generator)
+        rows, cols = ((n.xt == self.mask_index) & (mask != 0)).nonzero(as_tuple=True)
+        targets = x0[rows, cols]
+        sigma = self._process_sigma(n.conditioning, x0.shape[0], x0.device)
+        if self.parameterization == "sedd":
+            row_loss = partial(obj.score_entropy_rows, mask_index=self.mask_index)
+            aux = (targets, obj.esigm1_log(n.sigma)[rows], (1 / torch.expm1(n.sigma))[rows])
+            weights = n.dsigma[rows]
+        elif self.T > 0:
+            row_loss = partial(obj.discrete_time_rows, T=self.T, mask_index=self.mask_index,
+                               mask_logit=self.parameterization == "d3pm"
+                               and not self.config.subs_masking)
+            aux, weights = (targets, n.t[rows]), None
+        else:
+            row_loss = partial(obj.subs_rows, mask_index=self.mask_index)
+            aux = (targets,)
+            if self.config.change_of_variables or self.config.importance_sampling:
+                weights = obj.reweighted_weight(self.noise.sigma_min, n.t).expand(len(rows))
+            else:
+                weights = obj.subs_weight(n.sigma, n.dsigma)[rows]
+        total, per_row = self._row_losses(n.xt, sigma, (rows, cols), row_loss, aux,
+                                                  weights)
+        if weights is not None:
+            per_row = per_row * weights
+        nlls = torch.zeros(x0.shape, dtype=per_row.dtype, device=x0.device)
+        nlls[rows, cols] = per_row
+        if self.parameterization == "d3pm":
+            extra, recon = self.masked_reconstruction(x0, mask)
+            total, nlls = total + extra, nlls + recon
+        return total, nlls
+
+    def _row_losses(self, xt, sigma, positions, row_loss, aux, weights):
+        """The backbone's chunked ``row_losses``, or for a network with only a forward
+        (test doubles, foreign backbones) the same sums from its full output."""
+        if hasattr(self.backbone, "row_losses"):
+            return self.backbone.row_losses(xt, sigma, positions, row_loss, aux, weights)
+        logits = self.backbone(xt, sigma).float()
+        logits = logits.reshape(-1, logits.shape[-1]) if positions is None else logits[positions]
+        per_row = row_loss(logits, *aux)
+        total = per_row.sum() if weights is None else (per_row * weights).sum()
+        return total, per_row.detach()
+
+    def masked_reconstruction(self, x0: torch.Tensor, mask: torch.Tensor):
+        """The D3PM reconstruction term at every real position, projected in chunks."""
+        sigma_0 = self.noise(torch.zeros(x0.shape[0], device=x0.device))[0]
+        sigma_0 = self._process_sigma(sigma_0, x0.shape[0], x0.device)
+        row_loss = partial(obj.reconstruction_rows, mask_index=self.mask_index,
+                           subs_masking=self.config.subs_masking)
+        weights = mask.reshape(-1).to(torch.float32)
+        total, per_row = self._row_losses(x0, sigma_0, None, row_loss,
+                                                  (x0.reshape(-1),), weights)
+        return total, (per_row * weights).view(x0.shape)
 
     def reconstruction_losses(self, x0: torch.Tensor) -> torch.Tensor:
         sigma_0 = self.noise(torch.zeros(x0.shape[0], device=x0.device))[0]
@@ -113,7 +189,9 @@ class Diffusion(nn.Module):
                     f"input blocks of {x0.shape[1]} tokens do not fit model.length={length}; "
                     "blocks must be model.length long (or twice that for cropping)."
                 )
-            start = int(torch.randint(length, (1,), generator=generator))
+            # drawn on the generator's own device (a CUDA generator cannot fill a CPU tensor)
+            device = generator.device if generator is not None else x0.device
+            start = int(torch.randint(length, (1,), generator=generator, device=device))
             inputs = x0[:, start:start + length].clone()
             targets = x0[:, start + 1:start + length + 1].clone()
             mask = attention_mask[:, start:start + length]
@@ -128,13 +206,31 @@ class Diffusion(nn.Module):
 
     def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              t: torch.Tensor | None = None, generator=None) -> Loss:
-        """Per-token losses and their mean over the tokens where attention_mask is 1."""
+        """Per-token losses and their mean over the tokens where attention_mask is 1.
+
+        With ``model.loss_path=masked`` (the default) only the positions where the loss can
+        be nonzero are projected onto the vocabulary, in chunks; ``loss`` carries the
+        gradient and ``nlls`` are values. ``full`` computes every position's logits."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         inputs, targets, mask = self._crop(input_ids, attention_mask, generator)
+        if self.config.loss_path == "full":
+            if self.parameterization == "ar":
+                per_token = obj.ar_loss(self.backbone(inputs, None), targets)
+            else:
+                per_token = self.diffusion_losses(inputs, t, generator)
+            nlls = per_token * mask
+            return Loss(loss=nlls.sum() / mask.sum(), nlls=nlls, token_mask=mask)
         if self.parameterization == "ar":
-            per_token = obj.ar_loss(self.backbone(inputs, None), targets)
+            total, nlls = self.ar_losses(inputs, targets, mask)
         else:
-            per_token = self.diffusion_losses(inputs, t, generator)
-        nlls = per_token * mask
-        return Loss(loss=nlls.sum() / mask.sum(), nlls=nlls, token_mask=mask)
+            total, nlls = self.masked_losses(inputs, mask, t, generator)
+        return Loss(loss=total / mask.sum(), nlls=nlls, token_mask=mask)
+
+    def ar_losses(self, inputs, targets, mask):
+        """Next-token losses at every position, projected in chunks; padding weighs 0."""
+        weights = mask.reshape(-1).to(torch.float32)
+        row_loss = partial(obj.ar_rows, mask_index=self.mask_index, mask_logit=MASK_LOGIT)
+        total, per_row = self._row_losses(inputs, None, None, row_loss,
+                                                  (targets.reshape(-1),), weights)
+        return total, (per_row * weights).view(inputs.shape)

@@ -14,6 +14,7 @@ import contextlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from model.attention import attention, resolve_backend
 from model.config import ModelConfig
@@ -27,6 +28,7 @@ from model.layers import (
     mlp,
     modulate,
 )
+from model.projection import Projection
 
 
 class DDiTBlock(nn.Module):
@@ -69,18 +71,22 @@ class DDitFinalLayer(nn.Module):
     def __init__(self, hidden_size: int, out_channels: int, cond_dim: int):
         super().__init__()
         self.norm_final = LayerNorm(hidden_size)
-        self.linear = nn.Linear(hidden_size, out_channels)
+        self.linear = Projection(hidden_size, out_channels)
         self.linear.weight.data.zero_()
         self.linear.bias.data.zero_()
         self.adaLN_modulation = nn.Linear(cond_dim, 2 * hidden_size, bias=True)
         self.adaLN_modulation.weight.data.zero_()
         self.adaLN_modulation.bias.data.zero_()
 
-    def forward(self, x, c):
+    def features(self, x, c):
+        """The normalised, modulated hidden states the projection reads."""
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
+        return modulate(self.norm_final(x), shift, scale)
+
+    def forward(self, x, c):
         # Under autocast the projection runs in the autocast dtype, as in the release; the
         # logits are returned in float32.
-        return self.linear(modulate(self.norm_final(x), shift, scale)).float()
+        return self.linear(self.features(x, c)).float()
 
 
 def mixed_precision(config: ModelConfig, device: torch.device):
@@ -118,9 +124,8 @@ class DIT(nn.Module):
         self.output_layer = DDitFinalLayer(config.hidden_size, config.vocab_size,
                                            config.cond_dim)
 
-    def forward(self, indices: torch.Tensor, sigma=None, positions=None) -> torch.Tensor:
-        """``positions`` = (rows, cols) projects only those positions onto the vocabulary and
-        returns their logits, shape (k, vocab) (samplers that need a few rows)."""
+    def trunk(self, indices: torch.Tensor, sigma=None):
+        """The last block's hidden states (batch, length, hidden) and the conditioning c."""
         device = indices.device
         set_attn_backend(self.blocks, self.config.attn_backend, device)
         sigma = as_sigma(sigma, indices.shape[0], device, self.config.time_conditioning)
@@ -129,12 +134,46 @@ class DIT(nn.Module):
             c = F.silu(self.sigma_map(sigma.float()))
         cos, sin = self.rotary_emb(indices.shape[1], device)
         with mixed_precision(self.config, device):
-            for block in self.blocks:
-                x = block(x, cos, sin, c)
+            x = run_blocks(self.blocks, x, (cos, sin, c), self.config.activation_checkpointing)
+        return x, c
+
+    def forward(self, indices: torch.Tensor, sigma=None, positions=None) -> torch.Tensor:
+        """``positions`` = (rows, cols) projects only those positions onto the vocabulary and
+        returns their logits, shape (k, vocab) (samplers that need a few rows)."""
+        x, c = self.trunk(indices, sigma)
+        with mixed_precision(self.config, indices.device):
             if positions is not None:
                 rows, cols = positions
                 return self.output_layer(x[rows, cols][:, None], c[rows])[:, 0]
             return self.output_layer(x, c)
+
+    def row_losses(self, indices: torch.Tensor, sigma, positions, row_loss, aux=(),
+                   row_weights=None):
+        """``(sum_i w_i f_i, f)`` with ``f_i = row_loss(logits_i, aux_i)`` at the
+        ``positions`` = (rows, cols) only (None: every position, batch-major), projected in
+        chunks of ``model.loss_chunk_rows`` rows (see ``model.projection``): the whole
+        (batch, length, vocab) logits never exist."""
+        x, c = self.trunk(indices, sigma)
+        with mixed_precision(self.config, indices.device):
+            if positions is None:  # every position, batch-major
+                h = self.output_layer.features(x, c).reshape(-1, x.shape[-1])
+            else:
+                rows, cols = positions
+                h = self.output_layer.features(x[rows, cols][:, None], c[rows])[:, 0]
+            return self.output_layer.linear(h, row_loss, aux, row_weights,
+                                            self.config.loss_chunk_rows)
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, args: tuple,
+               checkpointing: bool) -> torch.Tensor:
+    """The blocks in order; with ``checkpointing`` (and gradients on) each block keeps only
+    its input and recomputes its activations in backward (same RNG, so same dropout)."""
+    for block in blocks:
+        if checkpointing and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)
+        else:
+            x = block(x, *args)
+    return x
 
 
 def set_attn_backend(blocks: nn.ModuleList, requested: str, device: torch.device) -> None:

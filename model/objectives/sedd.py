@@ -10,8 +10,8 @@ import torch
 def sedd_parameterization(logits: torch.Tensor, xt: torch.Tensor,
                           sigma: torch.Tensor) -> torch.Tensor:
     """Log score: logits - log(exp(sigma) - 1) - log(V - 1), with the current token's entry 0."""
-    esigm1_log = torch.where(sigma < 0.5, torch.expm1(sigma), sigma.exp() - 1).log()
-    logits = logits - esigm1_log.to(logits.dtype)[:, None, None] - math.log(logits.shape[-1] - 1)
+    shift = esigm1_log(sigma).to(logits.dtype)[:, None, None]
+    logits = logits - shift - math.log(logits.shape[-1] - 1)
     return torch.scatter(logits, -1, xt[..., None], torch.zeros_like(logits[..., :1]))
 
 
@@ -29,3 +29,21 @@ def score_entropy(log_score: torch.Tensor, sigma: torch.Tensor, dsigma: torch.Te
     entropy = torch.zeros(*xt.shape, device=xt.device, dtype=log_score.dtype)
     entropy[masked] = pos_term - neg_term + const
     return dsigma[:, None] * entropy
+
+
+def esigm1_log(sigma: torch.Tensor) -> torch.Tensor:
+    """log(exp(sigma) - 1), accurate for small sigma."""
+    return torch.where(sigma < 0.5, torch.expm1(sigma), sigma.exp() - 1).log()
+
+
+def score_entropy_rows(logits: torch.Tensor, x0: torch.Tensor, log_esigm1: torch.Tensor,
+                       q_ratio: torch.Tensor, mask_index: int) -> torch.Tensor:
+    """Score entropy at masked positions only, without the sigma'(t) factor: (k, vocab) raw
+    logits, their targets, log(exp(sigma) - 1) and q = 1 / (exp(sigma) - 1) -> (k,). The
+    [MASK] entry of the log score (the current token's) is 0 and leaves the positive term
+    out."""
+    log_score = logits - log_esigm1[:, None] - math.log(logits.shape[-1] - 1)
+    score = log_score.exp()
+    pos_term = score[:, :mask_index].sum(-1) + score[:, mask_index + 1:].sum(-1)
+    neg_term = q_ratio * torch.gather(log_score, -1, x0[:, None]).squeeze(-1)
+    return pos_term - neg_term + q_ratio * (q_ratio.log() - 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # The finite "minus infinity" of the reference implementation: exp() of it is exactly 0 in
 # float32 while sums and products with it stay finite.
@@ -12,14 +13,16 @@ NEG_INFINITY = -1_000_000.0
 def subs_parameterization(logits: torch.Tensor, xt: torch.Tensor, mask_index: int) -> torch.Tensor:
     """Log-probabilities over x0: [MASK] never predicted; unmasked inputs carried over exactly.
 
-    Works in place on ``logits`` (float32, as the backbone returns it).
+    Works in place on ``logits`` (float32, as the backbone returns it), with masks and
+    scatters rather than boolean indexing, so it never waits on the device.
     """
     logits[:, :, mask_index] += NEG_INFINITY
-    logits = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
-    unmasked = xt != mask_index
-    logits[unmasked] = NEG_INFINITY
-    logits[unmasked, xt[unmasked]] = 0
-    return logits
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    log_p = logits - lse
+    unmasked = (xt != mask_index)[..., None]
+    own = torch.where(unmasked, 0.0, torch.gather(logits, -1, xt[..., None]) - lse)
+    log_p.masked_fill_(unmasked, NEG_INFINITY)
+    return log_p.scatter_(-1, xt[..., None], own)
 
 
 def subs_loss(log_p: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor,
@@ -30,12 +33,32 @@ def subs_loss(log_p: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor,
     ``sigma`` and ``dsigma`` have shape (batch,).
     """
     log_p_x0 = torch.gather(log_p, -1, x0[:, :, None]).squeeze(-1)
-    return -log_p_x0 * (dsigma / torch.expm1(sigma))[:, None]
+    return -log_p_x0 * subs_weight(sigma, dsigma)[:, None]
 
 
 def subs_loss_reweighted(log_p: torch.Tensor, x0: torch.Tensor, sigma_min: float) -> torch.Tensor:
     """The loss under importance sampling or change of variables: the weight becomes the
     constant -log(1 - exp(-sigma_min)) (the Jacobian of the time transformation)."""
     log_p_x0 = torch.gather(log_p, -1, x0[:, :, None]).squeeze(-1)
-    weight = torch.log1p(-torch.exp(-torch.as_tensor(sigma_min, dtype=log_p.dtype)))
-    return log_p_x0 * weight.to(log_p.device)
+    return -log_p_x0 * reweighted_weight(sigma_min, log_p)
+
+
+def subs_rows(logits: torch.Tensor, x0: torch.Tensor, mask_index: int) -> torch.Tensor:
+    """-log p_theta(x0 | xt) at masked positions only: (k, vocab) logits -> (k,).
+
+    The cross entropy over the real vocabulary ([MASK] gets no mass, as in
+    ``subs_parameterization``); the per-sequence weight is applied by the caller.
+    """
+    logits[:, mask_index] += NEG_INFINITY
+    return F.cross_entropy(logits, x0, reduction="none")
+
+
+def subs_weight(sigma: torch.Tensor, dsigma: torch.Tensor) -> torch.Tensor:
+    """The continuous-time weight sigma'(t) / (exp(sigma(t)) - 1) per sequence."""
+    return dsigma / torch.expm1(sigma)
+
+
+def reweighted_weight(sigma_min: float, like: torch.Tensor) -> torch.Tensor:
+    """The constant weight under importance sampling or change of variables."""
+    weight = torch.log1p(-torch.exp(-torch.as_tensor(sigma_min, dtype=like.dtype)))
+    return -weight.to(like.device)
