@@ -10,7 +10,6 @@ unmasked positions never change. ``noise_removal`` ends with one greedy step at 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from sampling.categorical import sample_categorical
 
@@ -85,9 +84,12 @@ def _staggered(s: torch.Tensor, dsigma: torch.Tensor, mask_index: int) -> torch.
 
 
 def _transposed_transition(x, sigma, vocab_size, mask_index):
-    sigma = sigma[:, None, None]
-    edge = torch.exp(-sigma) * F.one_hot(x, num_classes=vocab_size)
-    edge += torch.where(x == mask_index, 1 - torch.exp(-sigma)[..., 0], 0)[..., None]
+    """exp(-sigma) on the current token, plus 1 - exp(-sigma) everywhere when it is [MASK]:
+    written into one float tensor (a one-hot of x would be a batch x length x vocab int64)."""
+    stay = torch.exp(-sigma)[:, None, None]
+    edge = torch.zeros(*x.shape, vocab_size, dtype=stay.dtype, device=x.device)
+    edge.scatter_(-1, x[..., None], stay.expand(*x.shape, 1))
+    edge += torch.where(x == mask_index, 1 - stay[..., 0], 0)[..., None]
     return edge
 
 
@@ -143,7 +145,8 @@ def sample(model, batch_size: int, length: int, steps: int = 128, predictor: str
             elif predictor == "ddpm_cache":
                 p_x0, x_next = ddpm_cache_update(net, model, x, t, dt, p_x0, generator,
                                                  gumbel_dtype)
-                if not torch.equal(x_next, x) or model.config.time_conditioning:
+                # (time conditioning first: it spares the host sync of the comparison)
+                if model.config.time_conditioning or not torch.equal(x_next, x):
                     p_x0 = None
                 x = x_next
             else:

@@ -34,8 +34,7 @@ def fast_sample(net, model, x, steps: int, eps: float, generator, gumbel_dtype: 
     when = torch.floor(u * steps / (1 - eps)).long().clamp_(max=steps)
     when[~masked] = -1
     sigma = torch.zeros(x.shape[0], device=device)
-    for step in torch.unique(when[(when >= 0) & (when < steps)]).tolist():
-        rows, cols = torch.nonzero(when == step, as_tuple=True)
+    for rows, cols in _positions_by_step(when, steps):
         # one network call; only the unmasking positions are projected onto the vocabulary
         net.nfe += 1
         logits = model.backbone(x, sigma, positions=(rows, cols)).float()
@@ -43,3 +42,16 @@ def fast_sample(net, model, x, steps: int, eps: float, generator, gumbel_dtype: 
         probs = logits.softmax(-1)
         x[rows, cols] = sample_categorical(probs, generator, gumbel_dtype)
     return x
+
+
+def _positions_by_step(when: torch.Tensor, steps: int):
+    """(rows, cols) of the positions unmasking at each distinct step in 0..steps-1, in
+    increasing step order and row-major order within a step (the order of ``nonzero``),
+    grouped with one host synchronization rather than one per step."""
+    flat = when.reshape(-1)
+    index = torch.nonzero((flat >= 0) & (flat < steps)).squeeze(1)
+    order = torch.sort(flat[index], stable=True)
+    _, counts = torch.unique_consecutive(order.values, return_counts=True)
+    length = when.shape[1]
+    for group in index[order.indices].split(counts.tolist()):
+        yield group // length, group % length

@@ -12,4 +12,4 @@
 #SBATCH --requeue
 # Autoregressive baseline on LM1B (BERT tokenizer, padded blocks of 128).
 source "$(dirname "$0")/common.sh" 2>/dev/null || source launch/slurm/common.sh
-mdlm_srun mode=train data=lm1b model=small-ar backbone=ar parameterization=ar model.length=128 loader.global_batch_size=512 loader.batch_size=64 trainer.max_steps=1000000 trainer.deepspeed_config=zero2 "$@"
+mdlm_srun mode=train data=lm1b model=small-ar backbone=ar parameterization=ar model.length=128 loader.global_batch_size=512 loader.batch_size=64 loader.eval_batch_size=64 trainer.max_steps=1000000 trainer.deepspeed_config=zero2 "$@"

@@ -12,4 +12,4 @@
 #SBATCH --requeue
 # Absorbing D3PM (T=1000) on LM1B, L=128.
 source "$(dirname "$0")/common.sh" 2>/dev/null || source launch/slurm/common.sh
-mdlm_srun mode=train data=lm1b model=small parameterization=d3pm T=1000 model.length=128 loader.global_batch_size=512 loader.batch_size=64 trainer.max_steps=1000000 trainer.deepspeed_config=zero2 "$@"
+mdlm_srun mode=train data=lm1b model=small parameterization=d3pm T=1000 model.length=128 loader.global_batch_size=512 loader.batch_size=64 loader.eval_batch_size=64 trainer.max_steps=1000000 trainer.deepspeed_config=zero2 "$@"

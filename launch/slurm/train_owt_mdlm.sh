@@ -11,5 +11,7 @@
 #SBATCH --signal=USR1@120
 #SBATCH --requeue
 # MDLM small on OpenWebText (the paper's split), L=1024, global batch 512, 1M steps.
+# Validation runs 16 sequences per GPU (its samples hold 16 x 1024 x 50258 float32
+# probabilities per step, 3.3 GB each): well inside 80 GB.
 source "$(dirname "$0")/common.sh" 2>/dev/null || source launch/slurm/common.sh
-mdlm_srun mode=train data=openwebtext-split model=small parameterization=subs model.length=1024 loader.global_batch_size=512 loader.batch_size=32 trainer.max_steps=1000000 trainer.deepspeed_config=zero2 "$@"
+mdlm_srun mode=train data=openwebtext-split model=small parameterization=subs model.length=1024 loader.global_batch_size=512 loader.batch_size=32 loader.eval_batch_size=16 trainer.max_steps=1000000 trainer.deepspeed_config=zero2 "$@"
