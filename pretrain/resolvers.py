@@ -38,12 +38,32 @@ def arithmetic(expression) -> float | int:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+# ranks on this node: the deepspeed launcher, torchrun, slurm
+LOCAL_RANKS_VARS = ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE")
+# ranks started together by one launcher process on this node (sharing its CPUs)
+FORKED_LOCAL_RANKS_VARS = ("LOCAL_SIZE", "LOCAL_WORLD_SIZE")
+
+
+def _env_int(*names: str) -> int | None:
+    """The first of ``names`` set to a positive integer in the environment."""
+    for name in names:
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+def launcher_local_ranks() -> int | None:
+    """Ranks on this node as the launcher announced them, or None (no launcher)."""
+    return _env_int(*LOCAL_RANKS_VARS)
+
+
 def device_count() -> int:
     """Ranks on this node as the launcher set them, else the accelerators on this node (at
     least 1: a CPU run counts as one device)."""
-    for var in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
+    local = launcher_local_ranks()
+    if local is not None:
+        return local
     try:
         import torch
 
@@ -54,11 +74,36 @@ def device_count() -> int:
     return 1
 
 
+def node_count() -> int:
+    """Nodes of the run as the launcher set them: world size / ranks per node under the
+    deepspeed launcher or torchrun, the step's (or job's) nodes under srun, else 1. It
+    enters the default per-device batch sizes (trainer.num_nodes)."""
+    world, local = _env_int("WORLD_SIZE"), _env_int(*FORKED_LOCAL_RANKS_VARS)
+    if world is not None and local is not None:
+        return max(1, -(-world // local))
+    return _env_int("SLURM_STEP_NUM_NODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES") or 1
+
+
 def cpu_count() -> int:
+    """CPUs this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def cpus_per_rank() -> int:
+    """This rank's share of the node's CPUs (loader.num_workers), at least 1. The deepspeed
+    launcher and torchrun start every local rank with the same CPUs: they are divided
+    among them. Under srun a task's CPUs are slurm's --cpus-per-task."""
+    cpus = cpu_count()
+    forked = _env_int(*FORKED_LOCAL_RANKS_VARS)
+    if forked is not None:
+        return max(1, cpus // forked)
+    per_task = _env_int("SLURM_CPUS_PER_TASK")
+    if per_task is not None:
+        return max(1, min(cpus, per_task))
+    return max(1, cpus // (launcher_local_ranks() or 1))
 
 
 def register() -> None:
@@ -66,6 +111,8 @@ def register() -> None:
         "cwd": os.getcwd,
         "device_count": device_count,
         "cpu_count": cpu_count,
+        "cpus_per_rank": cpus_per_rank,
+        "node_count": node_count,
         "eval": arithmetic,
         "div_up": lambda x, y: (int(x) + int(y) - 1) // int(y),
     }

@@ -110,7 +110,7 @@ def run(cfg):
     # ---------------------------------------------------------------- checks first
     ds_cfg = ds_config.build(cfg, D.expected_world_size())
     check_sampling(cfg)
-    D.init()
+    D.init(cfg.trainer.get("collective_timeout_minutes"))
     rank, world, device = D.rank(), D.world_size(), D.device()
     run_dir = run_dir_of(cfg)
     checkpoint_dir = run_dir / "checkpoints"

@@ -3,6 +3,14 @@ import os
 # Tests never reach the network: hub names resolve only from local caches they build.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests run on the CPU, also on a GPU machine: their exact assertions (bit-for-bit resume,
+# ZeRO-3 against ZeRO-2) hold on the CPU only, and their ranks must not share a GPU. Set
+# before torch initialises CUDA; every child process (deepspeed, mdlm) inherits it, and
+# DS_ACCELERATOR=cpu keeps the deepspeed launcher's ranks off the GPUs it names for them.
+# MDLM_TEST_GPU=1 leaves the GPUs visible.
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+if os.environ.get("MDLM_TEST_GPU") != "1":
+    os.environ.update(CPU_ONLY)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import CPU_ONLY
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quickstart_runs_from_set_up_to_samples(tmp_path):
     run = tmp_path / "run"
-    env = dict(os.environ, STEPS="8", SAMPLE_STEPS="100", RUN_DIR=str(run),
+    env = dict(os.environ, **CPU_ONLY, STEPS="8", SAMPLE_STEPS="100", RUN_DIR=str(run),
                MDLM_DATA_DIR=str(tmp_path / "data"), VENV=str(Path(sys.executable).parents[1]))
     done = subprocess.run(["bash", "launch/quickstart.sh"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from model import Diffusion, ModelConfig, save_pretrained
-from tests.conftest import randomize_
+from tests.conftest import CPU_ONLY, randomize_
 
 pytestmark = pytest.mark.slow
 
@@ -177,7 +177,7 @@ def stand_ins(tmp_path_factory):
 
     for name, docs in (("lm1b-train", corpus(600, seed=1)), ("lm1b-valid", corpus(60, seed=2))):
         (corpora / f"{name}.txt").write_text("\n\n".join(docs) + "\n")
-    env = dict(os.environ, HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1",
+    env = dict(os.environ, **CPU_ONLY, HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", MDLM_DATA_DIR=str(root / "data"))
     return {"root": root, "env": env, "ckpts": ckpts, "corpora": corpora}
 

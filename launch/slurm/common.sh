@@ -8,6 +8,24 @@ set -euo pipefail
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+# Across nodes, NCCL (the training collectives) and gloo (the group the ranks wait on while
+# rank 0 builds token shards) each pick a network interface; on nodes with several (ib0,
+# eth0, docker0, ...) name the one that reaches the other nodes, e.g. NCCL_SOCKET_IFNAME=ib0
+# at submission. gloo takes NCCL's choice when only that one is given and it names whole
+# interfaces of this node (NCCL also reads prefixes, "ib", and exclusions, "^docker"; gloo
+# does not: then set GLOO_SOCKET_IFNAME=ib0 yourself).
+gloo_ifname() {
+    local names=${NCCL_SOCKET_IFNAME#=} name
+    for name in ${names//,/ }; do
+        [ -e "/sys/class/net/$name" ] || return 1
+    done
+    echo "$names"
+}
+if [ -n "${NCCL_SOCKET_IFNAME:-}" ] && [ -z "${GLOO_SOCKET_IFNAME:-}" ]; then
+    if names=$(gloo_ifname); then
+        export GLOO_SOCKET_IFNAME=$names
+    fi
+fi
 # A run directory that survives requeues: checkpoints resume from here.
 RUN_DIR=${RUN_DIR:-$PWD/outputs/$SLURM_JOB_NAME}
 mkdir -p "$RUN_DIR" logs

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import CPU_ONLY
+
 pytestmark = pytest.mark.slow
 
 TINY = ["data=builtin", "model.length=64", "model.hidden_size=64", "model.n_blocks=2",
@@ -40,7 +42,7 @@ def command(run_dir, *overrides, ranks=2):
 
 
 def train(run_dir, data_dir, *overrides, ranks=2, check=True, timeout=400):
-    env = dict(os.environ, MDLM_DATA_DIR=str(data_dir))
+    env = dict(os.environ, **CPU_ONLY, MDLM_DATA_DIR=str(data_dir))
     done = subprocess.run(command(run_dir, *overrides, ranks=ranks), env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check:
@@ -92,7 +94,7 @@ def test_killed_run_resumes_exactly(tmp_path, data_dir):
 
 
 def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path, data_dir):
-    env = dict(os.environ, MDLM_DATA_DIR=str(data_dir))
+    env = dict(os.environ, **CPU_ONLY, MDLM_DATA_DIR=str(data_dir))
     cmd = command(tmp_path, "trainer.max_steps=100000", "checkpointing.every_n_steps=100000")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -158,7 +160,7 @@ def test_zero3_ema_export_equals_zero2(tmp_path, data_dir):
 
 
 def run_cli(tmp_path, data_dir, *overrides):
-    env = dict(os.environ, MDLM_DATA_DIR=str(data_dir))
+    env = dict(os.environ, **CPU_ONLY, MDLM_DATA_DIR=str(data_dir))
     return subprocess.run([sys.executable, "-m", "pretrain", *TINY, *overrides,
                            f"hydra.run.dir={tmp_path}"], env=env, capture_output=True,
                           text=True, timeout=300)
