@@ -6,6 +6,7 @@ without renaming.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -39,6 +40,19 @@ class EmbeddingLayer(nn.Module):
         return self.embedding[x]
 
 
+@functools.lru_cache(maxsize=32)
+def timestep_frequencies(half: int, max_period: float, device: torch.device) -> torch.Tensor:
+    """exp(-log(max_period) i / half) for i < half: computed on the CPU as the release does
+    and copied to ``device`` once, not at every forward (sampler steps included). A cache
+    rather than a buffer: the state dict keeps the release's keys, and a module cast to
+    bf16/fp16 cannot round the frequencies. Built outside inference mode, so a first call
+    under ``torch.inference_mode`` does not cache a tensor that training could not use."""
+    with torch.inference_mode(False):
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32)
+                          / half)
+        return freqs.to(device=device)
+
+
 class TimestepEmbedder(nn.Module):
     """Sinusoidal embedding of sigma (256 frequencies) -> Linear -> SiLU -> Linear."""
 
@@ -53,11 +67,7 @@ class TimestepEmbedder(nn.Module):
 
     @staticmethod
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
-        half = dim // 2
-        freqs = torch.exp(
-            -math.log(max_period) * torch.arange(half, dtype=torch.float32) / half
-        ).to(device=t.device)
-        args = t[:, None].float() * freqs[None]
+        args = t[:, None].float() * timestep_frequencies(dim // 2, max_period, t.device)[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
             embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
