@@ -56,10 +56,10 @@ class ModelConfig:
     autocast: str = "auto"
     compile: bool = False
     # "masked": the output projection and loss run only where the loss can be nonzero, in
-    # chunks of loss_chunk_rows rows; "full": every position's logits at once (the release's
-    # computation, kept for comparison)
+    # chunks of loss_chunk_rows rows (0: by device and vocabulary, model.projection); "full":
+    # every position's logits at once (the release's computation, kept for comparison)
     loss_path: str = "masked"
-    loss_chunk_rows: int = 512
+    loss_chunk_rows: int = 0
     activation_checkpointing: bool = False  # recompute each block's activations in backward
 
     def __post_init__(self):
@@ -103,9 +103,9 @@ class ModelConfig:
              f"model.autocast={self.autocast!r} is not known; use one of {list(AUTOCAST)}.")
         need(self.loss_path in LOSS_PATHS,
              f"model.loss_path={self.loss_path!r} is not known; use one of {list(LOSS_PATHS)}.")
-        need(self.loss_chunk_rows >= 1,
-             f"model.loss_chunk_rows={self.loss_chunk_rows} must be at least 1 (rows of logits "
-             "scored at once).")
+        need(self.loss_chunk_rows >= 0,
+             f"model.loss_chunk_rows={self.loss_chunk_rows} must be 0 (chosen by device) or "
+             "the number of rows of logits scored at once.")
         need(self.hidden_size % self.n_heads == 0,
              f"model.hidden_size={self.hidden_size} is not divisible by "
              f"model.n_heads={self.n_heads}; pick a head count that divides it.")
@@ -203,7 +203,7 @@ def from_run_config(cfg, vocab_size: int, mask_index: int, **extra) -> ModelConf
         autocast=m.get("autocast", "auto"),
         compile=m.get("compile", False),
         loss_path=m.get("loss_path", "masked"),
-        loss_chunk_rows=m.get("loss_chunk_rows", 512),
+        loss_chunk_rows=m.get("loss_chunk_rows", 0),
         activation_checkpointing=m.get("activation_checkpointing", False),
     )
     values.update(extra)

@@ -21,8 +21,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Rows scored at once by default: 512 rows of GPT-2's 50,258 logits are 103 MB in float32.
-DEFAULT_CHUNK_ROWS = 512
+# Logits per chunk when ``chunk_rows`` is 0 (auto): on the CPU, where every pass over them
+# is a pass over memory, 16M (64 MiB of float32: 333 rows of GPT-2's 50,258); on a GPU,
+# whose matrix units want tall products, 128M (2,670 rows).
+AUTO_CHUNK_LOGITS = {"cpu": 1 << 24, "cuda": 1 << 27}
+
+
+def auto_chunk_rows(device: torch.device, vocab: int) -> int:
+    budget = AUTO_CHUNK_LOGITS.get(device.type, AUTO_CHUNK_LOGITS["cuda"])
+    return max(1, budget // max(vocab, 1))
 
 RowLoss = Callable[..., torch.Tensor]  # (logits (n, vocab) float32, *aux rows) -> (n,)
 
@@ -104,17 +111,17 @@ class Projection(nn.Linear):
     """``nn.Linear`` onto the vocabulary. Called as ``proj(h)`` it returns logits;
     called as ``proj(h, row_loss=f, aux=(...), row_weights=w)`` with ``h`` of shape (k,
     hidden) it returns ``(sum_i w_i f_i, f)`` where ``f_i = row_loss(logits_i, aux_i)``,
-    never holding more than ``chunk_rows`` rows of logits (float32, computed in the
-    autocast dtype when autocast is on, as the plain projection is)."""
+    never holding more than ``chunk_rows`` rows of logits (0: ``auto_chunk_rows``; float32,
+    computed in the autocast dtype when autocast is on, as the plain projection is)."""
 
     def forward(self, h: torch.Tensor, row_loss: RowLoss | None = None, aux: tuple = (),
-                row_weights: torch.Tensor | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS):
+                row_weights: torch.Tensor | None = None, chunk_rows: int = 0):
         if row_loss is None:
             return super().forward(h)
         dtype = _compute_dtype(h.device)
         if row_weights is None:
             row_weights = torch.ones(h.shape[0], dtype=torch.float32, device=h.device)
-        chunk_rows = max(1, int(chunk_rows))
+        chunk_rows = int(chunk_rows) or auto_chunk_rows(h.device, self.out_features)
         needs_grad = torch.is_grad_enabled() and (
             h.requires_grad or any(p.requires_grad for p in self.parameters()))
         with torch.autocast(device_type=h.device.type, enabled=False):

@@ -29,8 +29,9 @@ class EMA:
     def update(self) -> None:
         self.num_updates += 1
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for s, p in zip(self.shadow, self.params):
-            s.sub_((1.0 - decay) * (s - _local(p).float()))
+        # s <- s + (1 - decay)(p - s) for every parameter in a few fused kernels
+        torch._foreach_lerp_(self.shadow, [_local(p).float() for p in self.params],
+                             1.0 - decay)
 
     def _refresh(self, engine) -> None:
         """ZeRO-3 keeps whole copies of some parameters besides the partitions: the

@@ -189,10 +189,13 @@ def run(cfg):
     peak = peak_flops()
     iterator = iter(loader)
     skipped_in_a_row = 0
+    stage = engine.zero_optimization_stage()
     engine.train()
     while step < max_steps:
         started = time.perf_counter()
-        losses, real_tokens, bad = [], 0, False
+        # loss sum, real tokens, non-finite losses (or ZeRO-0 gradients): kept on the device
+        # through the micro-steps and read once per optimizer step
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
         for micro_step in range(accumulation):
             try:
                 batch = next(iterator)
@@ -202,18 +205,24 @@ def run(cfg):
             input_ids = batch["input_ids"].to(device, non_blocking=True)
             attention_mask = batch["attention_mask"].to(device, non_blocking=True)
             out = engine(input_ids, attention_mask)
-            loss = out.loss
-            if D.any_rank(not bool(torch.isfinite(loss))):
-                bad = True  # back-propagate an exact zero instead
-                loss = sum(p.sum() for p in engine.module.parameters()) * 0.0
-            engine.backward(loss)
-            if micro_step == accumulation - 1:
-                bad = _guard_step(engine, bad)
+            bad_loss = ~torch.isfinite(out.loss.detach())
+            # A NaN/inf loss makes every gradient NaN, so the step is refused as a whole: by
+            # DeepSpeed's own overflow check under ZeRO 1-3, by _skip_step under ZeRO-0.
+            engine.backward(out.loss * torch.where(bad_loss, float("nan"), 1.0))
+            totals += torch.stack([out.loss.detach().double(), out.token_mask.sum().double(),
+                                   bad_loss.double()])
+            if micro_step == accumulation - 1 and stage == 0:
+                totals[2] += _nonfinite_gradients(engine)
+                summary = _read_step(totals, stop.requested, None, device)
+                if summary["bad"]:
+                    _skip_step(engine)
             engine.step()
-            losses.append(float(out.loss.detach()))
-            real_tokens += int(out.token_mask.sum())
-        if not engine.was_step_applied():  # DeepSpeed found inf/NaN gradients itself
-            bad = True
+        if stage > 0:
+            summary = _read_step(totals, stop.requested, engine.get_global_grad_norm(), device)
+        else:
+            summary["grad_norm"] = engine.get_global_grad_norm()
+        # DeepSpeed refused NaN/inf gradients itself
+        bad = summary["bad"] or not engine.was_step_applied()
         sampler.advance(global_batch)
         step += 1
         if bad:
@@ -230,19 +239,16 @@ def run(cfg):
             if ema is not None:
                 ema.update()
 
-        stats = D.all_reduce(torch.tensor([sum(losses) / len(losses), real_tokens],
-                                          dtype=torch.float64, device=device))
-        tokens_seen += int(stats[1])
+        tokens_seen += int(summary["tokens"])
         seconds = time.perf_counter() - started
-        record = {"loss": float(stats[0]) / world,
+        record = {"loss": summary["loss"] / accumulation / world,
                   "lr": float(scheduler.get_last_lr()[0]) if scheduler else cfg.optim.lr,
-                  "tokens": tokens_seen, "tokens_per_s": float(stats[1]) / seconds,
+                  "tokens": tokens_seen, "tokens_per_s": summary["tokens"] / seconds,
                   "step_seconds": seconds, "skipped": skipped_total}
         if peak is not None:
             record["mfu"] = record["tokens_per_s"] / world * flops_per_token(model_config) / peak
-        grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
+        if summary["grad_norm"] is not None:
+            record["grad_norm"] = float(summary["grad_norm"])
         val_every = int(cfg.trainer.val_check_interval or 0)
         if val_every > 0 and step % val_every == 0:
             record.update({f"val/{k}": v for k, v in validate(
@@ -252,7 +258,7 @@ def run(cfg):
 
         if fail_at is not None and step == int(fail_at) and rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection (tests): die mid-run
-        if D.any_rank(stop.requested):
+        if summary["stop"]:
             save()
             if rank == 0:
                 (run_dir / REQUEUE).write_text(f"stopped by a signal at step {step}\n")
@@ -268,21 +274,37 @@ def run(cfg):
     return 0
 
 
-def _guard_step(engine, bad: bool) -> bool:
-    """Before the optimizer step: a bad step (NaN/inf loss, or under ZeRO-0 a NaN/inf
-    gradient on any rank) gets zero gradients and learning rate 0, so the weights do not
-    move; the scheduler restores the rate at the next step. Returns whether it is bad."""
-    if engine.zero_optimization_stage() == 0:
-        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        finite = all(bool(torch.isfinite(g).all()) for g in grads)
-        bad = D.any_rank(bad or not finite)
-        if bad:
-            for g in grads:
-                g.zero_()
-    if bad:
-        for group in engine.optimizer.param_groups:
-            group["lr"] = 0.0
-    return bad
+def _read_step(totals: torch.Tensor, stop_requested: bool, grad_norm, device) -> dict:
+    """The step's numbers summed over ranks, in one all-reduce and one host read: loss sum,
+    real tokens, whether any rank saw a NaN/inf, whether any rank was asked to stop, and
+    the global gradient norm (identical on every rank) when DeepSpeed computed one."""
+    norm = float("nan") if grad_norm is None else grad_norm
+    extra = torch.stack([torch.as_tensor(float(stop_requested), dtype=torch.float64,
+                                         device=device),
+                         torch.as_tensor(norm, device=device).double()])
+    loss, tokens, bad, stops, norm_sum = D.all_reduce(torch.cat([totals, extra])).tolist()
+    return {"loss": loss, "tokens": tokens, "bad": bad > 0, "stop": stops > 0,
+            "grad_norm": None if grad_norm is None else norm_sum / D.world_size()}
+
+
+def _nonfinite_gradients(engine) -> torch.Tensor:
+    """1.0 when a gradient holds a NaN/inf, as a device scalar (ZeRO-0 gradients are
+    already averaged over ranks after the last backward of a step)."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:  # an optimizer that keeps its own gradient copies checks them itself
+        return torch.zeros((), dtype=torch.float64, device=D.device())
+    return (~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())).double()
+
+
+def _skip_step(engine) -> None:
+    """A bad step under ZeRO-0 (whose optimizer takes any gradient): zero gradients and
+    learning rate 0, so the weights do not move; the scheduler restores the rate at the
+    next step."""
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            p.grad.zero_()
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.0
 
 
 def _seed_rank(seed: int, rank: int) -> None:
