@@ -13,6 +13,10 @@ Layout under ``<save_dir>/checkpoints/``::
 ``latest`` is written (temp file + rename) by rank 0 only after every rank has finished
 writing its files, so a checkpoint interrupted half-way is never resumed from. The newest
 ``checkpointing.keep_last`` checkpoints are kept.
+
+A resume reads every file (DeepSpeed's states included) strictly through the allowlist of
+exactly the types these checkpoints hold (``model.checkpoint.safe.OURS``), so a tampered
+file cannot run code; ``checkpointing.trust=True`` reads them fully.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.checkpoint import safe
 from pretrain import distributed as D
 from pretrain.data.shards import atomic_write_bytes, atomic_write_json
 
 LATEST = "latest"
 RUN_FILE = "run.json"
+TRUST_FLAG = "checkpointing.trust=True"
 
 
 def tag_for(step: int) -> str:
@@ -106,24 +112,31 @@ def discard_unpublished(checkpoint_dir: Path, latest: str) -> None:
             shutil.rmtree(Path(checkpoint_dir) / tag, ignore_errors=True)
 
 
-def load(engine, checkpoint_dir: Path, tag: str, ema) -> dict:
-    """Restores engine, EMA and this rank's RNG states; returns the run state."""
+def load(engine, checkpoint_dir: Path, tag: str, ema, trust: bool = False) -> dict:
+    """Restores engine, EMA and this rank's RNG states; returns the run state. Files are
+    read through the safe allowlist unless ``trust`` (``checkpointing.trust``)."""
     checkpoint_dir = Path(checkpoint_dir)
     run_state = json.loads((checkpoint_dir / tag / RUN_FILE).read_text())
-    load_path, _ = engine.load_checkpoint(str(checkpoint_dir), tag=tag,
-                                          load_module_strict=True,
-                                          load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    with safe.restricted_torch_load(safe.OURS, trust, TRUST_FLAG):
+        load_path, _ = engine.load_checkpoint(str(checkpoint_dir), tag=tag,
+                                              load_module_strict=True,
+                                              load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint_dir / tag}.")
     rank = D.rank()
     own = checkpoint_dir / tag / f"rank_{rank:05d}.pt"
-    per_rank = torch.load(own if own.is_file() else checkpoint_dir / tag / "rank_00000.pt",
-                          map_location="cpu", weights_only=False)
+    per_rank = _read_rank_file(own if own.is_file() else checkpoint_dir / tag / "rank_00000.pt",
+                               trust)
     if own.is_file():
         set_rng_state(per_rank["rng"])
     if ema is not None:
-        source = per_rank if ema.partitioned else torch.load(
-            checkpoint_dir / tag / "rank_00000.pt", map_location="cpu", weights_only=False)
+        source = per_rank if ema.partitioned else _read_rank_file(
+            checkpoint_dir / tag / "rank_00000.pt", trust)
         ema.load_state_dict(source["ema"])
     return run_state
+
+
+def _read_rank_file(path: Path, trust: bool) -> dict:
+    """A rank file (RNG states, EMA), read through the safe allowlist unless ``trust``."""
+    return safe.load(path, safe.OURS, trust=trust, flag=TRUST_FLAG)

@@ -58,9 +58,25 @@ def _user_errors() -> tuple:
     return (CheckpointError, ConfigError, ShardError, RunConfigError, FloatingPointError)
 
 
+def report_safe_loads() -> None:
+    """What a checkpoint load left out (``model.checkpoint.safe``) is printed as one notice
+    on stderr, like the command's other notes, not among Hydra's log lines on stdout."""
+    import logging
+
+    from model.checkpoint import safe
+
+    logger = logging.getLogger(safe.__name__)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("mdlm: note: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def dispatch(cfg: DictConfig):
     absolutize_paths(cfg)
     check_config(cfg)
+    report_safe_loads()
     module_name, function, what = MODES[cfg.mode]
     if importlib.util.find_spec(module_name) is None:
         raise UsageError(f"mode={cfg.mode} is not available in this version: {what} "

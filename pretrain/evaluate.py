@@ -3,7 +3,9 @@
 The model comes from ``eval.checkpoint_path`` (an HF directory or hub id, a release
 ``.ckpt``, or one of our runs; EMA weights unless ``eval.disable_ema=True``); the run's
 ``backbone``, ``parameterization``, ``time_conditioning``, ``T``, ``subs_masking``, noise,
-``model.length`` and ``training.*`` settings apply to it, as in the release. The data is
+``model.length`` and ``training.*`` settings apply to it, as in the release. Pickled
+checkpoints are read without running code from them unless ``eval.trust_checkpoint=True``
+(``model.checkpoint.safe``). The data is
 ``data.valid`` (its validation split), or with ``eval.zero_shot=True`` each of
 ``eval.zero_shot_datasets``.
 Every rank evaluates its share of the batches; the sums are reduced exactly.
@@ -40,7 +42,8 @@ def load_model(cfg, tokenizer, device):
         attn_backend=cfg.model.get("attn_backend", "auto"),
         autocast=cfg.model.get("autocast", "auto"),
     )
-    model = load_pretrained(path, use_ema=not cfg.eval.disable_ema, device=device, **overrides)
+    model = load_pretrained(path, use_ema=not cfg.eval.disable_ema, device=device,
+                            trust=bool(cfg.eval.get("trust_checkpoint", False)), **overrides)
     ids = tokenizer_ids(tokenizer)
     if (model.vocab_size, model.mask_index) != (ids["vocab_size"], ids["mask_index"]):
         raise CheckpointError(

@@ -149,7 +149,7 @@ def run(cfg):
     sampler = ResumableSampler(len(train_set), global_batch, rank, world, seed=cfg.seed)
     step, tokens_seen, skipped_total = 0, 0, 0
     if tag is not None:
-        state = checkpointing.load(engine, checkpoint_dir, tag, ema)
+        state = checkpointing.load(engine, checkpoint_dir, tag, ema, cfg.checkpointing.trust)
         sampler.load_state_dict(state["sampler"])
         step, tokens_seen, skipped_total = state["step"], state["tokens"], state["skipped"]
         if not (checkpoint_dir / tag / f"rank_{rank:05d}.pt").is_file():

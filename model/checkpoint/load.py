@@ -21,7 +21,7 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def load_pretrained(path_or_hub_id, use_ema: bool = True, device=None, revision=None,
-                    **overrides):
+                    trust: bool = False, **overrides):
     """Returns a ready ``Diffusion`` model (in eval mode) from a checkpoint.
 
     Accepts an HF directory or hub id in the ``kuleshov-group/mdlm-owt`` layout, a
@@ -30,6 +30,10 @@ def load_pretrained(path_or_hub_id, use_ema: bool = True, device=None, revision=
     ``overrides`` are ModelConfig fields (``time_conditioning=True``,
     ``parameterization='sedd'``, ``T=1000`` ...) and win over what the checkpoint records.
     ``use_ema=False`` loads the raw weights instead of the EMA (``eval.disable_ema=True``).
+
+    Pickled files are read without running code from them: only tensors, containers and
+    the types the release's and our checkpoints need are loaded (``model.checkpoint.safe``);
+    ``trust=True`` (``eval.trust_checkpoint=True``) loads a file you trust fully.
     """
     from model.diffusion import Diffusion
 
@@ -37,11 +41,11 @@ def load_pretrained(path_or_hub_id, use_ema: bool = True, device=None, revision=
     path = Path(str(path_or_hub_id)).expanduser()
     ours_dir = ours.locate(path) if path.is_dir() else None
     if ours_dir is not None:
-        values, state, used_ema = ours.read(ours_dir, use_ema)
+        values, state, used_ema = ours.read(ours_dir, use_ema, trust)
         state = strip_prefix(state)
         source = f"checkpoint {ours_dir}"
     elif path.is_file():
-        values, state, used_ema = lightning.read(path, use_ema)
+        values, state, used_ema = lightning.read(path, use_ema, trust)
         source = f"checkpoint {path}"
     elif hf.is_hf_dir(path):
         values, state, used_ema = _read_hf(path)

@@ -5,6 +5,9 @@ process group at any ZeRO stage.
 partition under ZeRO-3, rank 0's whole average otherwise); the raw weights are DeepSpeed's
 model states (``mp_rank_00_model_states.pt``) or, under ZeRO-3, its partitioned fp32 states
 consolidated by DeepSpeed's own ``zero_to_fp32`` reader.
+
+Every file is read strictly through the ``OURS`` allowlist of ``model.checkpoint.safe``
+(``zero_to_fp32`` too, by ``safe.restricted_torch_load``); ``trust=True`` reads them fully.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from model.checkpoint import safe
 from model.errors import CheckpointError
 
 RUN_FILE = "run.json"
@@ -54,13 +58,12 @@ def _strip(state: dict) -> dict:
     return {k[len(MODULE_PREFIX):]: v for k, v in state.items() if k.startswith(MODULE_PREFIX)}
 
 
-def read(tag_dir: Path, use_ema: bool) -> tuple[dict, dict, bool]:
+def read(tag_dir: Path, use_ema: bool, trust: bool = False) -> tuple[dict, dict, bool]:
     """(config values, state with ``backbone.*`` keys, whether EMA weights were used)."""
     run = json.loads((tag_dir / RUN_FILE).read_text())
     values = dict(run["model_config"])
     if use_ema:
-        states = [torch.load(f, map_location="cpu", weights_only=False)
-                  for f in sorted(tag_dir.glob("rank_*.pt"))]
+        states = [safe.load(f, safe.OURS, trust=trust) for f in sorted(tag_dir.glob("rank_*.pt"))]
         emas = [s["ema"] for s in states if "ema" in s]
         if emas:
             if emas[0]["partitioned"] and len(emas) != run["world_size"]:
@@ -70,9 +73,10 @@ def read(tag_dir: Path, use_ema: bool) -> tuple[dict, dict, bool]:
     if run["zero_stage"] == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        with safe.restricted_torch_load(safe.OURS, trust):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent),
+                                                             tag=tag_dir.name)
     else:
-        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=False)
+        states = safe.load(tag_dir / "mp_rank_00_model_states.pt", safe.OURS, trust=trust)
         state = states["module"]
     return values, _strip({k: v.float() for k, v in state.items()}), False
