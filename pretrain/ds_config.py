@@ -1,13 +1,45 @@
 """DeepSpeed configuration: a JSON file of ``ds_configs/`` (by name or path) whose "auto"
-fields are filled from the run config."""
+fields are filled from the run config, and the precision modes.
+
+``trainer.precision`` names one of four modes (``PRECISIONS``), each a DeepSpeed engine
+dtype and a ``model.autocast`` dtype:
+
+- ``bf16`` (the default; also ``bf16-mixed``): the release's numerics. fp32 weights,
+  gradients, gradient communication and optimizer; bf16 autocast inside the network.
+- ``bf16-deepspeed``: DeepSpeed's bf16 engine. bf16 weights and gradients (half the memory
+  for them and half the bytes communicated per step), fp32 master weights in the
+  optimizer; the network still runs under bf16 autocast (LayerNorm in float32).
+- ``fp16`` (also ``16``, ``16-mixed``): DeepSpeed's fp16 engine with dynamic loss scaling
+  and fp16 autocast; CUDA only (DeepSpeed's CPU accelerator has no fp16).
+- ``32`` (also ``32-true``): fp32 throughout; on CUDA with TF32 matmuls unless
+  ``trainer.tf32=false`` (``tf32_enabled``).
+
+ZeRO-2's buckets (``ds_configs/zero2.json``): ``reduce_bucket_size`` and
+``allgather_bucket_size`` are 5e7 elements, 200 MB of fp32 gradients. DeepSpeed's default
+(5e8, 2 GB in fp32, about 4.5 times that with ``overlap_comm``) holds a whole small model,
+so its one reduction could not overlap the backward pass; 5e7 still moves tens of MB per
+collective, enough to saturate NCCL.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+import torch
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 NAMES = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
+log = logging.getLogger(__name__)
+OPTIM_IMPLS = ("auto", "torch", "deepspeed")
+# trainer.precision -> (DeepSpeed engine dtype, model.autocast)
+PRECISIONS = {
+    "bf16": ("fp32", "bf16"), "bf16-mixed": ("fp32", "bf16"),
+    "bf16-deepspeed": ("bf16", "bf16"),
+    "fp16": ("fp16", "fp16"), "16": ("fp16", "fp16"), "16-mixed": ("fp16", "fp16"),
+    "32": ("fp32", "off"), "32-true": ("fp32", "off"),
+}
 
 
 class RunConfigError(ValueError):
@@ -50,14 +82,31 @@ def _autos(node, path="", exclude=()) -> list[str]:
     return [path.rstrip(".")] if node == "auto" else []
 
 
-def build(cfg, world: int) -> dict:
-    """The DeepSpeed config dict of this run."""
+def precision_of(cfg) -> str:
+    """``trainer.precision``, checked."""
+    precision = str(cfg.trainer.precision)
+    if precision not in PRECISIONS:
+        raise RunConfigError(f"trainer.precision={precision} is not one of bf16, "
+                             "bf16-deepspeed, fp16, 32.")
+    return precision
+
+
+def optim_impl(cfg) -> str:
+    """``optim.impl`` (``pretrain.optim``), checked with the other settings before a run."""
+    impl = str((cfg.get("optim") or {}).get("impl", "auto"))
+    if impl not in OPTIM_IMPLS:
+        raise RunConfigError(f"optim.impl={impl} is not one of {', '.join(OPTIM_IMPLS)}.")
+    return impl
+
+
+def build(cfg, world: int, device_type: str | None = None) -> dict:
+    """The DeepSpeed config dict of this run. ``device_type`` ("cuda" or "cpu") is where it
+    will run; None asks ``pretrain.distributed``."""
+    optim_impl(cfg)
     micro = int(cfg.loader.batch_size)
     global_batch = int(cfg.loader.global_batch_size)
     accumulation = batch_layout(global_batch, micro, world)
-    precision = str(cfg.trainer.precision)
-    if precision not in ("bf16", "fp16", "32", "16", "bf16-mixed", "16-mixed", "32-true"):
-        raise RunConfigError(f"trainer.precision={precision} is not one of bf16, fp16, 32.")
+    precision = precision_of(cfg)
     ds = load(cfg.trainer.get("deepspeed_config", "zero2"))
     values = {
         "train_batch_size": global_batch,
@@ -70,14 +119,109 @@ def build(cfg, world: int) -> dict:
     if leftover:
         raise RunConfigError(f"the DeepSpeed config leaves {', '.join(leftover)} as \"auto\", "
                              "which this codebase does not fill; give them values.")
-    fp16 = precision in ("fp16", "16", "16-mixed")
+    wanted = PRECISIONS[precision][0]
     for key in ("fp16", "bf16"):
-        section = ds.get(key)
-        if isinstance(section, dict) and section.get("enabled") == "auto":
-            section["enabled"] = fp16 if key == "fp16" else False
+        section = ds.setdefault(key, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = wanted == key
+    check_precision(cfg, precision, engine_dtype(ds), device_type)
     return ds
 
 
+def engine_dtype(ds: dict) -> str:
+    """The dtype of DeepSpeed's weights and gradients under ``ds``: fp16, bf16 or fp32."""
+    for key in ("fp16", "bf16"):
+        if ds.get(key, {}).get("enabled") is True:
+            return key
+    return "fp32"
+
+
+def check_precision(cfg, precision: str, engine: str, device_type: str | None) -> None:
+    """The engine dtype, ``model.autocast`` and the device agree: low-precision weights
+    need the network to compute in their dtype, fp16 activations need the loss scaling of
+    DeepSpeed's fp16 engine, which runs on CUDA only."""
+    wanted, default_autocast = PRECISIONS[precision]
+    if engine != wanted:
+        raise RunConfigError(
+            f"the DeepSpeed config enables {engine} weights but trainer.precision={precision} "
+            f"asks for {wanted}; set its \"fp16\"/\"bf16\" \"enabled\" to \"auto\".")
+    autocast = str((cfg.get("model") or {}).get("autocast", "auto") or "auto")
+    if engine != "fp32" and autocast not in ("auto", engine):
+        raise RunConfigError(
+            f"model.autocast={autocast} cannot run the {engine} weights of "
+            f"trainer.precision={precision}; leave model.autocast=auto.")
+    if engine == "fp32" and autocast == "fp16":
+        raise RunConfigError(
+            "model.autocast=fp16 needs the loss scaling of DeepSpeed's fp16 engine; use "
+            "trainer.precision=fp16 on a GPU, or model.autocast=bf16.")
+    if engine == "fp16" and _device_type(device_type) != "cuda":
+        raise RunConfigError(
+            f"trainer.precision={precision} needs a CUDA GPU (DeepSpeed has no loss-scaled "
+            "fp16 on the CPU); use trainer.precision=bf16.")
+
+
+def _device_type(device_type: str | None) -> str:
+    if device_type is not None:
+        return device_type
+    from pretrain import distributed as D
+
+    return "cuda" if D.cuda_enabled() else "cpu"
+
+
 def model_autocast(precision: str) -> str:
-    """bf16 runs as the release's bf16-mixed: fp32 weights, bf16 autocast in the network."""
-    return "bf16" if precision in ("bf16", "bf16-mixed") else "off"
+    """The network's autocast dtype under ``trainer.precision`` (see the module's
+    docstring): bf16 for both bf16 modes, fp16 for fp16, off for fp32."""
+    return PRECISIONS.get(precision, ("fp32", "off"))[1]
+
+
+def tf32_enabled(cfg, device_type: str) -> bool:
+    """Whether fp32 matmuls run as TF32 (``trainer.tf32``): ``auto`` turns them on for
+    ``trainer.precision=32`` on CUDA, where the 10-bit mantissa of the inputs costs less
+    than the bf16 modes already accept; the bf16 modes keep the release's exact fp32
+    parts. On the CPU it does nothing."""
+    setting = str(cfg.trainer.get("tf32", "auto")).lower()
+    if setting not in ("auto", "true", "false"):
+        raise RunConfigError(f"trainer.tf32={setting} is not one of auto, true, false.")
+    if device_type != "cuda":
+        return False
+    if setting == "auto":
+        return PRECISIONS[precision_of(cfg)] == ("fp32", "off")
+    return setting == "true"
+
+
+def apply_tf32(cfg, device_type: str) -> bool:
+    """Sets torch's TF32 switches from ``tf32_enabled`` on CUDA, with a log line."""
+    if device_type != "cuda":
+        return False
+    on = tf32_enabled(cfg, device_type)
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+    log.info("TF32 matmuls %s (trainer.tf32=%s, trainer.precision=%s)", "on" if on else "off",
+             cfg.trainer.get("tf32", "auto"), cfg.trainer.precision)
+    return on
+
+
+def compile_after_init(ds: dict, compile_blocks: bool) -> bool:
+    """Whether ``model.compile`` must wait until ``deepspeed.initialize``: ZeRO-3 replaces
+    the parameters by partitions and hooks every module, so blocks compiled before would
+    trace the unpartitioned ones."""
+    return bool(compile_blocks) and int(ds.get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+def follow_weight_dtype(module, ds: dict) -> None:
+    """Under DeepSpeed's bf16/fp16 engines the weights are low precision, but the network
+    computes its time embedding in float32 outside autocast; its MLP then gets its input in
+    its weights' dtype. No-op with fp32 weights."""
+    if engine_dtype(ds) == "fp32":
+        return
+    from model.layers import TimestepEmbedder
+
+    for sub in module.modules():
+        if isinstance(sub, TimestepEmbedder):
+            sub.mlp.register_forward_pre_hook(_to_weight_dtype)
+
+
+def _to_weight_dtype(mlp, args):
+    dtype = next(mlp.parameters()).dtype
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a
+                 for a in args)

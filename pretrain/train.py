@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from model import Diffusion, from_run_config, tokenizer_ids
-from pretrain import checkpointing, ds_config, schedules
+from pretrain import checkpointing, ds_config, optim, schedules
 from pretrain import distributed as D
 from pretrain.ema import EMA
 from pretrain.flops import flops_per_token, peak_flops
@@ -133,15 +133,19 @@ def run(cfg):
     import deepspeed
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = Diffusion(model_config)
+    late_compile = ds_config.compile_after_init(ds_cfg, model_config.compile)
+    model = Diffusion(model_config.replace(compile=False) if late_compile else model_config)
+    ds_config.follow_weight_dtype(model, ds_cfg)
+    ds_config.apply_tf32(cfg, device.type)
     module = LossModule(model)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.optim.lr,
-                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = optim.build(module, cfg, ds_cfg)
     max_steps = int(cfg.trainer.max_steps)
     scheduler = schedules.build(optimizer, cfg, max_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    if late_compile:  # ZeRO-3 partitions and hooks the modules first
+        for block in model.backbone.blocks:
+            block.compile()
     ema = EMA(engine.module.named_parameters(), cfg.training.ema) if cfg.training.ema > 0 else None
 
     from pretrain.data.sampler import ResumableSampler

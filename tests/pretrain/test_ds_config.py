@@ -28,13 +28,48 @@ def test_auto_fields_are_filled(name):
 
 
 def test_fp16_and_bad_values():
-    assert ds_config.build(run_cfg(trainer__precision="fp16"), 1)["fp16"]["enabled"] is True
+    ds = ds_config.build(run_cfg(trainer__precision="fp16"), 1, device_type="cuda")
+    assert ds["fp16"]["enabled"] is True
+    with pytest.raises(RunConfigError, match="trainer.precision=fp16 needs a CUDA GPU"):
+        ds_config.build(run_cfg(trainer__precision="fp16"), 1, device_type="cpu")
     with pytest.raises(RunConfigError, match="global_batch_size=64 is not a multiple"):
         ds_config.build(run_cfg(loader__batch_size=24), 1)
     with pytest.raises(RunConfigError, match="trainer.precision=bf15"):
         ds_config.build(run_cfg(trainer__precision="bf15"), 1)
     with pytest.raises(RunConfigError, match="zero9"):
         ds_config.build(run_cfg(trainer__deepspeed_config="zero9"), 1)
+
+
+def test_zero2_buckets_are_explicit():
+    zero = ds_config.build(run_cfg(), 4)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 50_000_000
+
+
+def test_zero3_compiles_after_initialize():
+    for name, expected in (("zero2", False), ("zero3", True), ("zero3_offload", True)):
+        ds = ds_config.build(run_cfg(trainer__deepspeed_config=name), 4)
+        assert ds_config.compile_after_init(ds, True) is expected
+        assert ds_config.compile_after_init(ds, False) is False
+
+
+@pytest.mark.parametrize("precision, setting, device, expected", [
+    ("32", "auto", "cuda", True), ("32-true", "auto", "cuda", True),
+    ("bf16", "auto", "cuda", False), ("bf16-deepspeed", "auto", "cuda", False),
+    ("bf16", True, "cuda", True), ("32", False, "cuda", False),
+    ("32", "auto", "cpu", False), ("32", True, "cpu", False)])
+def test_tf32(precision, setting, device, expected):
+    cfg = run_cfg(trainer__precision=precision, trainer__tf32=setting)
+    assert ds_config.tf32_enabled(cfg, device) is expected
+
+
+def test_tf32_on_cpu_changes_nothing():
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    assert ds_config.apply_tf32(run_cfg(trainer__precision="32"), "cpu") is False
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    with pytest.raises(RunConfigError, match="trainer.tf32=maybe"):
+        ds_config.tf32_enabled(run_cfg(trainer__tf32="maybe"), "cuda")
 
 
 def test_unfilled_auto_is_refused(tmp_path):
