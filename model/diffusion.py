@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from model import objectives as obj
-from model.causal import MASK_LOGIT, CausalTransformer
+from model.causal import CausalTransformer
 from model.config import ModelConfig
 from model.dit import DIT, as_sigma
 from model.noise import get_noise, log_masking_bounds
@@ -230,7 +230,7 @@ class Diffusion(nn.Module):
     def ar_losses(self, inputs, targets, mask):
         """Next-token losses at every position, projected in chunks; padding weighs 0."""
         weights = mask.reshape(-1).to(torch.float32)
-        row_loss = partial(obj.ar_rows, mask_index=self.mask_index, mask_logit=MASK_LOGIT)
+        row_loss = partial(obj.ar_rows, mask_index=self.mask_index)
         total, per_row = self._row_losses(inputs, None, None, row_loss,
                                                   (targets.reshape(-1),), weights)
         return total, (per_row * weights).view(inputs.shape)

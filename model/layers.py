@@ -74,7 +74,9 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+        # float32 like the release; in the weights' dtype when an engine keeps them in bf16
+        embedding = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(embedding.to(self.mlp[0].weight.dtype))
 
 
 class Rotary(nn.Module):
@@ -83,14 +85,17 @@ class Rotary(nn.Module):
     def __init__(self, dim: int, base: float = 10_000):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
-        self.register_buffer("inv_freq", inv_freq)
+        self.register_buffer("inv_freq", inv_freq)  # kept for the release's state dict
+        # the float32 values the angles use: a module cast to bf16 (DeepSpeed's bf16 engine)
+        # rounds its buffers, and bf16 frequencies would turn far positions by radians
+        self._inv_freq = inv_freq.clone()
         self._cache: tuple | None = None
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (seq_len, device)
         if self._cache is None or self._cache[0] != key:
             t = torch.arange(seq_len, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float32))
+            freqs = torch.outer(t, self._inv_freq.to(device=device))
             emb = torch.cat((freqs, freqs), dim=-1)
             self._cache = (key, emb.cos(), emb.sin())
         return self._cache[1], self._cache[2]

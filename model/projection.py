@@ -5,9 +5,11 @@ also take a per-row loss: then the hidden states of the selected rows (k, hidden
 projected and scored ``chunk_rows`` rows at a time, so that at most one chunk of
 (chunk_rows, vocab) logits exists at once. When gradients are needed, each chunk's
 gradients with respect to its hidden rows, the weight and the bias are computed right
-there (``torch.autograd.grad`` on the chunk alone) and kept; backward only scales them by
-the incoming gradient. Nothing is recomputed and no logits survive the forward.
+there (autograd through the row loss alone, the projection's backward by hand, accumulated
+in place) and kept; backward only scales them by the incoming gradient. Nothing is
+recomputed and no logits survive the forward.
 
+That is the scheme of fused linear cross-entropy kernels, in PyTorch and for any row loss.
 The loss handed back is the weighted sum over rows (a scalar that carries the gradient),
 with the unweighted per-row losses beside it as plain values. Going through the module's
 own ``__call__`` keeps ZeRO-3's parameter gathering hooks in play.
@@ -31,7 +33,8 @@ def auto_chunk_rows(device: torch.device, vocab: int) -> int:
     budget = AUTO_CHUNK_LOGITS.get(device.type, AUTO_CHUNK_LOGITS["cuda"])
     return max(1, budget // max(vocab, 1))
 
-RowLoss = Callable[..., torch.Tensor]  # (logits (n, vocab) float32, *aux rows) -> (n,)
+# (logits (n, vocab) float32, *aux rows) -> (n,); must not modify the logits in place
+RowLoss = Callable[..., torch.Tensor]
 
 
 def _compute_dtype(device: torch.device) -> torch.dtype | None:
@@ -41,20 +44,12 @@ def _compute_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _chunk_logits(h, weight, bias, dtype):
-    """Float32 logits of one chunk, computed in ``dtype`` (the autocast dtype) when set, as
-    ``nn.Linear`` under autocast computes them."""
-    if dtype is not None:
-        h, weight = h.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    return F.linear(h, weight, bias).float()
-
-
-def _leaf(param, dtype):
-    """A detached copy of ``param`` in the compute dtype that gradients are taken against."""
-    if param is None:
-        return None
-    return param.detach().to(dtype or param.dtype).requires_grad_(True)
+def _cast(h, weight, bias, dtype):
+    """The operands in ``dtype`` (the autocast dtype), as ``nn.Linear`` under autocast
+    casts them; unchanged when autocast is off."""
+    if dtype is None:
+        return h, weight, bias
+    return h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def _chunks(n: int, size: int):
@@ -65,34 +60,40 @@ def _chunks(n: int, size: int):
 @torch.no_grad()
 def _losses_only(h, weight, bias, row_loss, aux, row_weights, chunk_rows, dtype):
     losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    _, weight, bias = _cast(h[:0], weight, bias, dtype)
     for part in _chunks(h.shape[0], chunk_rows):
-        logits = _chunk_logits(h[part], weight, bias, dtype)
-        losses[part] = row_loss(logits, *(a[part] for a in aux))
+        h_part = h[part] if dtype is None else h[part].to(dtype)
+        losses[part] = row_loss(F.linear(h_part, weight, bias).float(), *(a[part] for a in aux))
     return (losses * row_weights).sum(), losses
 
 
 class _ProjectedLoss(torch.autograd.Function):
-    """sum_i w_i loss_i(W h_i + b), with the gradients computed chunk by chunk in forward."""
+    """sum_i w_i loss_i(W h_i + b), with the gradients computed chunk by chunk in forward:
+    autograd only through the row loss (d loss / d logits of the chunk), then the
+    projection's backward by hand, accumulated in place (no weight-sized temporaries)."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, row_weights, row_loss, aux, chunk_rows, dtype):
-        leaf_w, leaf_b = _leaf(weight, dtype), _leaf(bias, dtype)
+        _, w, b = _cast(h[:0], weight.detach(), None if bias is None else bias.detach(), dtype)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
         grad_b = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
         losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         for part in _chunks(h.shape[0], chunk_rows):
+            h_part = h[part].detach() if dtype is None else h[part].detach().to(dtype)
+            logits = F.linear(h_part, w, b).float().requires_grad_(True)
             with torch.enable_grad():
-                leaf_h = h[part].detach().requires_grad_(True)
-                per_row = row_loss(_chunk_logits(leaf_h, leaf_w, leaf_b, dtype),
-                                   *(a[part] for a in aux))
-                inputs = (leaf_h, leaf_w) if leaf_b is None else (leaf_h, leaf_w, leaf_b)
-                grads = torch.autograd.grad((per_row * row_weights[part]).sum(), inputs)
+                per_row = row_loss(logits, *(a[part] for a in aux))
+                (g,) = torch.autograd.grad((per_row * row_weights[part]).sum(), logits)
             losses[part] = per_row.detach()
-            grad_h[part] = grads[0]
-            grad_w += grads[1]
+            g_part = g.to(w.dtype)
+            grad_h[part] = g_part @ w
+            if w.dtype == torch.float32:
+                grad_w.addmm_(g_part.t(), h_part)
+            else:
+                grad_w += (g_part.t() @ h_part).float()
             if grad_b is not None:
-                grad_b += grads[2]
+                grad_b += g.sum(0)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype),
                               None if grad_b is None else grad_b.to(bias.dtype))
         ctx.mark_non_differentiable(losses)
@@ -101,9 +102,8 @@ class _ProjectedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, grad_losses):
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        scale = grad_total.to(grad_h.dtype)
-        return (grad_h * scale, grad_w * scale.to(grad_w.dtype),
-                None if grad_b is None else grad_b * scale.to(grad_b.dtype),
+        return (grad_h * grad_total.to(grad_h.dtype), grad_w * grad_total.to(grad_w.dtype),
+                None if grad_b is None else grad_b * grad_total.to(grad_b.dtype),
                 None, None, None, None, None)
 
 

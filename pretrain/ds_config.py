@@ -208,20 +208,3 @@ def compile_after_init(ds: dict, compile_blocks: bool) -> bool:
     return bool(compile_blocks) and int(ds.get("zero_optimization", {}).get("stage", 0)) == 3
 
 
-def follow_weight_dtype(module, ds: dict) -> None:
-    """Under DeepSpeed's bf16/fp16 engines the weights are low precision, but the network
-    computes its time embedding in float32 outside autocast; its MLP then gets its input in
-    its weights' dtype. No-op with fp32 weights."""
-    if engine_dtype(ds) == "fp32":
-        return
-    from model.layers import TimestepEmbedder
-
-    for sub in module.modules():
-        if isinstance(sub, TimestepEmbedder):
-            sub.mlp.register_forward_pre_hook(_to_weight_dtype)
-
-
-def _to_weight_dtype(mlp, args):
-    dtype = next(mlp.parameters()).dtype
-    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a
-                 for a in args)

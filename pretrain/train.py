@@ -135,7 +135,6 @@ def run(cfg):
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     late_compile = ds_config.compile_after_init(ds_cfg, model_config.compile)
     model = Diffusion(model_config.replace(compile=False) if late_compile else model_config)
-    ds_config.follow_weight_dtype(model, ds_cfg)
     ds_config.apply_tf32(cfg, device.type)
     module = LossModule(model)
     optimizer = optim.build(module, cfg, ds_cfg)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from model.objectives.subs import logsumexp_without
 
 
 def ar_loss(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -11,9 +12,8 @@ def ar_loss(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -torch.gather(log_probs, -1, targets[:, :, None]).squeeze(-1)
 
 
-def ar_rows(logits: torch.Tensor, targets: torch.Tensor, mask_index: int,
-            mask_logit: float) -> torch.Tensor:
-    """Next-token cross entropy from (k, vocab) raw logits -> (k,), with the [MASK] logit
-    set to ``mask_logit`` as the causal network does before its log-softmax."""
-    logits[:, mask_index] = mask_logit
-    return F.cross_entropy(logits, targets, reduction="none")
+def ar_rows(logits: torch.Tensor, targets: torch.Tensor, mask_index: int) -> torch.Tensor:
+    """Next-token cross entropy from (k, vocab) raw logits -> (k,), with no mass on [MASK]
+    (the causal network's -1000 logit there has probability exactly 0 in float32)."""
+    lse = logsumexp_without(logits, mask_index)
+    return lse - logits.gather(-1, targets[:, None]).squeeze(-1)

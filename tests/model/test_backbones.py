@@ -307,3 +307,18 @@ def test_unsupported_backbone_is_named():
         from_run_config(cfg, vocab_size=23, mask_index=22)
     cfg.backbone = "hf_dit"
     assert from_run_config(cfg, vocab_size=23, mask_index=22).backbone == "dit"
+
+
+def test_bf16_weights_keep_float32_rotary_and_run_the_time_embedding():
+    """DeepSpeed's bf16 engine casts the whole module: the rotary angles must still come
+    from float32 frequencies, and the time embedding must meet its bf16 weights."""
+    model = Diffusion(tiny_config(length=512, time_conditioning=True, autocast="bf16"))
+    cos, sin = model.backbone.rotary_emb(512, torch.device("cpu"))
+    model.bfloat16()
+    assert model.backbone.rotary_emb.inv_freq.dtype == torch.bfloat16
+    model.backbone.rotary_emb._cache = None
+    cos_b, sin_b = model.backbone.rotary_emb(512, torch.device("cpu"))
+    assert torch.equal(cos, cos_b) and torch.equal(sin, sin_b)
+    x = torch.randint(0, 22, (2, 512))
+    out = model.backbone(x, torch.full((2,), 0.5))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()

@@ -63,13 +63,14 @@ def test_chunking_does_not_change_the_result(name):
 @pytest.mark.parametrize("name", ["subs", "ar"])
 def test_no_more_than_one_chunk_of_logits_exists(name, monkeypatch):
     rows_seen = []
-    original = projection._chunk_logits
+    original = projection.F.linear
 
-    def spy(h, *args):
-        rows_seen.append(h.shape[0])
-        return original(h, *args)
+    def spy(h, weight, *args):
+        if weight.shape[0] == VOCAB["vocab_size"]:  # the projection onto the vocabulary
+            rows_seen.append(h.shape[0])
+        return original(h, weight, *args)
 
-    monkeypatch.setattr(projection, "_chunk_logits", spy)
+    monkeypatch.setattr(projection.F, "linear", spy)
     out, _ = run("masked", CASES[name], chunk_rows=4)
     assert rows_seen and max(rows_seen) <= 4
     counted = int((out.nlls != 0).sum())

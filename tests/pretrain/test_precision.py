@@ -79,7 +79,6 @@ def bytes_per_step(precision: str, steps: int = 3) -> int:
     model = Diffusion(ModelConfig(vocab_size=512, mask_index=511, length=32, hidden_size=64,
                                   n_heads=4, cond_dim=32, n_blocks=2,
                                   autocast=ds_config.model_autocast(precision)))
-    ds_config.follow_weight_dtype(model, ds)
     module = LossModule(model)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optim.build(module, cfg, ds),
                                       config=ds)
