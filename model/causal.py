@@ -105,7 +105,7 @@ class CausalTransformer(nn.Module):
         return logits.log_softmax(-1)
 
     def row_losses(self, indices: torch.Tensor, sigma, positions, row_loss, aux=(),
-                   row_weights=None):
+                   row_weights=None, fill=None):
         """As ``DIT.row_losses``; ``positions`` None scores every position (rows in
         batch-major order), without waiting on the device to count them."""
         x = self.trunk(indices)
@@ -113,7 +113,7 @@ class CausalTransformer(nn.Module):
             h = self.output_layer.norm_final(x)
             h = h.reshape(-1, h.shape[-1]) if positions is None else h[positions]
             return self.output_layer.linear(h, row_loss, aux, row_weights,
-                                            self.config.loss_chunk_rows)
+                                            self.config.loss_chunk_rows, fill)
 
     def new_cache(self) -> list:
         return [[None, None] for _ in self.blocks]

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from model import objectives as obj
-from model.causal import CausalTransformer
+from model.causal import MASK_LOGIT, CausalTransformer
 from model.config import ModelConfig
 from model.dit import DIT, as_sigma
 from model.noise import get_noise, log_masking_bounds
@@ -126,24 +126,24 @@ class Diffusion(nn.Module):
         rows, cols = ((n.xt == self.mask_index) & (mask != 0)).nonzero(as_tuple=True)
         targets = x0[rows, cols]
         sigma = self._process_sigma(n.conditioning, x0.shape[0], x0.device)
+        fill = obj.subs_fill(self.mask_index)  # SUBS: no mass on [MASK]
         if self.parameterization == "sedd":
-            row_loss = partial(obj.score_entropy_rows, mask_index=self.mask_index)
+            row_loss, fill = partial(obj.score_entropy_rows, mask_index=self.mask_index), None
             aux = (targets, obj.esigm1_log(n.sigma)[rows], (1 / torch.expm1(n.sigma))[rows])
             weights = n.dsigma[rows]
         elif self.T > 0:
-            row_loss = partial(obj.discrete_time_rows, T=self.T, mask_index=self.mask_index,
-                               mask_logit=self.parameterization == "d3pm"
-                               and not self.config.subs_masking)
+            row_loss = partial(obj.discrete_time_rows, T=self.T, mask_index=self.mask_index)
+            if self.parameterization == "d3pm" and not self.config.subs_masking:
+                fill = None
             aux, weights = (targets, n.t[rows]), None
         else:
-            row_loss = partial(obj.subs_rows, mask_index=self.mask_index)
-            aux = (targets,)
+            row_loss, aux = obj.subs_rows, (targets,)
             if self.config.change_of_variables or self.config.importance_sampling:
                 weights = obj.reweighted_weight(self.noise.sigma_min, n.t).expand(len(rows))
             else:
                 weights = obj.subs_weight(n.sigma, n.dsigma)[rows]
-        total, per_row = self._row_losses(n.xt, sigma, (rows, cols), row_loss, aux,
-                                                  weights)
+        total, per_row = self._row_losses(n.xt, sigma, (rows, cols), row_loss, aux, weights,
+                                          fill)
         if weights is not None:
             per_row = per_row * weights
         nlls = torch.zeros(x0.shape, dtype=per_row.dtype, device=x0.device)
@@ -153,13 +153,16 @@ class Diffusion(nn.Module):
             total, nlls = total + extra, nlls + recon
         return total, nlls
 
-    def _row_losses(self, xt, sigma, positions, row_loss, aux, weights):
+    def _row_losses(self, xt, sigma, positions, row_loss, aux, weights, fill=None):
         """The backbone's chunked ``row_losses``, or for a network with only a forward
         (test doubles, foreign backbones) the same sums from its full output."""
         if hasattr(self.backbone, "row_losses"):
-            return self.backbone.row_losses(xt, sigma, positions, row_loss, aux, weights)
+            return self.backbone.row_losses(xt, sigma, positions, row_loss, aux, weights, fill)
         logits = self.backbone(xt, sigma).float()
         logits = logits.reshape(-1, logits.shape[-1]) if positions is None else logits[positions]
+        if fill is not None:
+            column = torch.tensor([fill[0]], device=logits.device)
+            logits = logits.index_fill(-1, column, fill[1])
         per_row = row_loss(logits, *aux)
         total = per_row.sum() if weights is None else (per_row * weights).sum()
         return total, per_row.detach()
@@ -168,11 +171,10 @@ class Diffusion(nn.Module):
         """The D3PM reconstruction term at every real position, projected in chunks."""
         sigma_0 = self.noise(torch.zeros(x0.shape[0], device=x0.device))[0]
         sigma_0 = self._process_sigma(sigma_0, x0.shape[0], x0.device)
-        row_loss = partial(obj.reconstruction_rows, mask_index=self.mask_index,
-                           subs_masking=self.config.subs_masking)
+        fill = obj.subs_fill(self.mask_index) if self.config.subs_masking else None
         weights = mask.reshape(-1).to(torch.float32)
-        total, per_row = self._row_losses(x0, sigma_0, None, row_loss,
-                                                  (x0.reshape(-1),), weights)
+        total, per_row = self._row_losses(x0, sigma_0, None, obj.reconstruction_rows,
+                                          (x0.reshape(-1),), weights, fill)
         return total, (per_row * weights).view(x0.shape)
 
     def reconstruction_losses(self, x0: torch.Tensor) -> torch.Tensor:
@@ -230,7 +232,7 @@ class Diffusion(nn.Module):
     def ar_losses(self, inputs, targets, mask):
         """Next-token losses at every position, projected in chunks; padding weighs 0."""
         weights = mask.reshape(-1).to(torch.float32)
-        row_loss = partial(obj.ar_rows, mask_index=self.mask_index)
-        total, per_row = self._row_losses(inputs, None, None, row_loss,
-                                                  (targets.reshape(-1),), weights)
+        total, per_row = self._row_losses(inputs, None, None, obj.ar_rows,
+                                          (targets.reshape(-1),), weights,
+                                          (self.mask_index, MASK_LOGIT))
         return total, (per_row * weights).view(inputs.shape)

@@ -148,7 +148,7 @@ class DIT(nn.Module):
             return self.output_layer(x, c)
 
     def row_losses(self, indices: torch.Tensor, sigma, positions, row_loss, aux=(),
-                   row_weights=None):
+                   row_weights=None, fill=None):
         """``(sum_i w_i f_i, f)`` with ``f_i = row_loss(logits_i, aux_i)`` at the
         ``positions`` = (rows, cols) only (None: every position, batch-major), projected in
         chunks of ``model.loss_chunk_rows`` rows (see ``model.projection``): the whole
@@ -161,7 +161,7 @@ class DIT(nn.Module):
                 rows, cols = positions
                 h = self.output_layer.features(x[rows, cols][:, None], c[rows])[:, 0]
             return self.output_layer.linear(h, row_loss, aux, row_weights,
-                                            self.config.loss_chunk_rows)
+                                            self.config.loss_chunk_rows, fill)
 
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, args: tuple,

@@ -23,17 +23,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Logits per chunk when ``chunk_rows`` is 0 (auto): on the CPU, where every pass over them
-# is a pass over memory, 16M (64 MiB of float32: 333 rows of GPT-2's 50,258); on a GPU,
-# whose matrix units want tall products, 128M (2,670 rows).
-AUTO_CHUNK_LOGITS = {"cpu": 1 << 24, "cuda": 1 << 27}
+# Logits per chunk when ``chunk_rows`` is 0 (auto): on the CPU 32M (128 MiB of float32: 667
+# rows of GPT-2's 50,258; measured in benchmarks/bench_train.py, the speed of larger chunks
+# at a fraction of their memory); on a GPU, whose matrix units want tall products, 128M
+# (2,670 rows).
+AUTO_CHUNK_LOGITS = {"cpu": 1 << 25, "cuda": 1 << 27}
 
 
 def auto_chunk_rows(device: torch.device, vocab: int) -> int:
     budget = AUTO_CHUNK_LOGITS.get(device.type, AUTO_CHUNK_LOGITS["cuda"])
     return max(1, budget // max(vocab, 1))
 
-# (logits (n, vocab) float32, *aux rows) -> (n,); must not modify the logits in place
+# (logits (n, vocab) float32, *aux rows) -> (n,); differentiable, not in place
 RowLoss = Callable[..., torch.Tensor]
 
 
@@ -57,65 +58,118 @@ def _chunks(n: int, size: int):
         yield slice(start, min(n, start + size))
 
 
+def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log softmax(logits)[target] per row. As a ``row_loss`` the chunked projection
+    recognises it and takes its gradient, softmax - one-hot, in place in the logits'
+    own buffer: one (chunk_rows, vocab) tensor per chunk instead of three."""
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def _cross_entropy_in_place(logits, targets, weights=None):
+    """Per-row cross entropy, computed in the logits' buffer; with ``weights`` also
+    d(sum_i w_i loss_i)/d logits (w softmax - w one-hot), written over the logits."""
+    picked = logits.gather(1, targets[:, None])[:, 0]
+    top = logits.amax(dim=-1, keepdim=True)
+    total = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
+    losses = (top + total.log())[:, 0] - picked
+    if weights is None:
+        return losses, None
+    grad = logits.mul_(weights[:, None] / total)
+    grad.scatter_add_(1, targets[:, None], -weights[:, None].to(grad.dtype))
+    return losses, grad
+
+
+def _chunk_logits(h_part, w, b, fill):
+    """Float32 logits of one chunk, with ``fill`` = (column, value) written in place (the
+    [MASK] logit the network never predicts)."""
+    logits = F.linear(h_part, w, b).float()
+    if fill is not None:
+        logits[:, fill[0]] = fill[1]
+    return logits
+
+
 @torch.no_grad()
-def _losses_only(h, weight, bias, row_loss, aux, row_weights, chunk_rows, dtype):
+def _losses_only(h, weight, bias, row_loss, aux, row_weights, chunk_rows, dtype, fill):
     losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
     _, weight, bias = _cast(h[:0], weight, bias, dtype)
     for part in _chunks(h.shape[0], chunk_rows):
         h_part = h[part] if dtype is None else h[part].to(dtype)
-        losses[part] = row_loss(F.linear(h_part, weight, bias).float(), *(a[part] for a in aux))
+        logits = _chunk_logits(h_part, weight, bias, fill)
+        if row_loss is cross_entropy_rows:
+            losses[part] = _cross_entropy_in_place(logits, aux[0][part])[0]
+        else:
+            losses[part] = row_loss(logits, *(a[part] for a in aux))
     return (losses * row_weights).sum(), losses
 
 
 class _ProjectedLoss(torch.autograd.Function):
     """sum_i w_i loss_i(W h_i + b), with the gradients computed chunk by chunk in forward:
     autograd only through the row loss (d loss / d logits of the chunk), then the
-    projection's backward by hand, accumulated in place (no weight-sized temporaries)."""
+    projection's backward by hand, written in place (no weight-sized temporaries).
+
+    A filled column's gradient is taken after the fill: the filled logits have probability
+    0, so it is 0, as the derivative through the fill itself is."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, row_weights, row_loss, aux, chunk_rows, dtype):
+    def forward(ctx, h, weight, bias, row_weights, row_loss, aux, chunk_rows, dtype, fill):
         _, w, b = _cast(h[:0], weight.detach(), None if bias is None else bias.detach(), dtype)
         grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        grad_b = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+        grad_w = grad_b = None
         losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         for part in _chunks(h.shape[0], chunk_rows):
             h_part = h[part].detach() if dtype is None else h[part].detach().to(dtype)
-            logits = F.linear(h_part, w, b).float().requires_grad_(True)
-            with torch.enable_grad():
-                per_row = row_loss(logits, *(a[part] for a in aux))
-                (g,) = torch.autograd.grad((per_row * row_weights[part]).sum(), logits)
+            logits = _chunk_logits(h_part, w, b, fill)
+            if row_loss is cross_entropy_rows:
+                per_row, g = _cross_entropy_in_place(logits, aux[0][part], row_weights[part])
+            else:
+                logits.requires_grad_(True)
+                with torch.enable_grad():
+                    per_row = row_loss(logits, *(a[part] for a in aux))
+                    (g,) = torch.autograd.grad((per_row * row_weights[part]).sum(), logits)
             losses[part] = per_row.detach()
+            del logits, per_row
             g_part = g.to(w.dtype)
             grad_h[part] = g_part @ w
+            if grad_w is None:
+                grad_w = (g_part.t() @ h_part).float()
+                grad_b = None if b is None else g.sum(0)
+                continue
             if w.dtype == torch.float32:
                 grad_w.addmm_(g_part.t(), h_part)
             else:
                 grad_w += (g_part.t() @ h_part).float()
             if grad_b is not None:
                 grad_b += g.sum(0)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype),
-                              None if grad_b is None else grad_b.to(bias.dtype))
+        if grad_w is None:  # no rows
+            grad_w = torch.zeros_like(weight, dtype=torch.float32)
+            grad_b = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+        # kept on ctx (not saved tensors) so backward can scale them in place, once
+        ctx.grads = (grad_h, grad_w.to(weight.dtype),
+                     None if grad_b is None else grad_b.to(bias.dtype))
         ctx.mark_non_differentiable(losses)
         return (losses * row_weights).sum(), losses
 
     @staticmethod
     def backward(ctx, grad_total, grad_losses):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        return (grad_h * grad_total.to(grad_h.dtype), grad_w * grad_total.to(grad_w.dtype),
-                None if grad_b is None else grad_b * grad_total.to(grad_b.dtype),
-                None, None, None, None, None)
+        if ctx.grads is None:
+            raise RuntimeError("the chunked projection's gradients were already used; it "
+                               "supports one backward pass (no retain_graph).")
+        grads, ctx.grads = ctx.grads, None
+        scaled = [None if g is None else g.mul_(grad_total.to(g.dtype)) for g in grads]
+        return (*scaled, None, None, None, None, None, None)
 
 
 class Projection(nn.Linear):
     """``nn.Linear`` onto the vocabulary. Called as ``proj(h)`` it returns logits;
     called as ``proj(h, row_loss=f, aux=(...), row_weights=w)`` with ``h`` of shape (k,
-    hidden) it returns ``(sum_i w_i f_i, f)`` where ``f_i = row_loss(logits_i, aux_i)``,
-    never holding more than ``chunk_rows`` rows of logits (0: ``auto_chunk_rows``; float32,
-    computed in the autocast dtype when autocast is on, as the plain projection is)."""
+    hidden) it returns ``(sum_i w_i f_i, f)`` where ``f_i = row_loss(logits_i, aux_i)``
+    (``fill`` = (column, value) first sets that logit of every row), never holding more
+    than ``chunk_rows`` rows of logits (0: ``auto_chunk_rows``; float32, computed in the
+    autocast dtype when autocast is on, as the plain projection is)."""
 
     def forward(self, h: torch.Tensor, row_loss: RowLoss | None = None, aux: tuple = (),
-                row_weights: torch.Tensor | None = None, chunk_rows: int = 0):
+                row_weights: torch.Tensor | None = None, chunk_rows: int = 0,
+                fill: tuple[int, float] | None = None):
         if row_loss is None:
             return super().forward(h)
         dtype = _compute_dtype(h.device)
@@ -127,6 +181,6 @@ class Projection(nn.Linear):
         with torch.autocast(device_type=h.device.type, enabled=False):
             if not needs_grad:
                 return _losses_only(h, self.weight, self.bias, row_loss, tuple(aux),
-                                    row_weights, chunk_rows, dtype)
+                                    row_weights, chunk_rows, dtype, fill)
             return _ProjectedLoss.apply(h, self.weight, self.bias, row_weights, row_loss,
-                                        tuple(aux), chunk_rows, dtype)
+                                        tuple(aux), chunk_rows, dtype, fill)

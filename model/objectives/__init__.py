@@ -24,6 +24,7 @@ from model.objectives.sedd import (
 from model.objectives.subs import (
     NEG_INFINITY,
     reweighted_weight,
+    subs_fill,
     subs_loss,
     subs_parameterization,
     subs_rows,
@@ -50,6 +51,7 @@ __all__ = [
     "sedd_parameterization",
     "subs_loss",
     "subs_parameterization",
+    "subs_fill",
     "subs_rows",
     "subs_weight",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from model.objectives.subs import logsumexp_without
+from model.projection import cross_entropy_rows
 
 
 def ar_loss(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -12,8 +12,6 @@ def ar_loss(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -torch.gather(log_probs, -1, targets[:, :, None]).squeeze(-1)
 
 
-def ar_rows(logits: torch.Tensor, targets: torch.Tensor, mask_index: int) -> torch.Tensor:
-    """Next-token cross entropy from (k, vocab) raw logits -> (k,), with no mass on [MASK]
-    (the causal network's -1000 logit there has probability exactly 0 in float32)."""
-    lse = logsumexp_without(logits, mask_index)
-    return lse - logits.gather(-1, targets[:, None]).squeeze(-1)
+# next-token cross entropy from (k, vocab) raw logits whose [MASK] logit was set as the
+# causal network sets it -> (k,)
+ar_rows = cross_entropy_rows

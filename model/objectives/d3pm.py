@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from model.objectives.subs import NEG_INFINITY, logsumexp_without
+from model.objectives.subs import NEG_INFINITY
+from model.projection import cross_entropy_rows
 
 
 def d3pm_parameterization(logits: torch.Tensor, mask_index: int,
@@ -43,22 +44,14 @@ def discrete_time_loss(log_p: torch.Tensor, xt: torch.Tensor, x0: torch.Tensor,
     return discrete_time_terms(log_p_x0, p_mask, t[:, None], T) * (xt == mask_index)
 
 
-def _log_normaliser(logits: torch.Tensor, mask_index: int, mask_logit: bool) -> torch.Tensor:
-    """log sum exp of (k, vocab) logits, over the real vocabulary unless ``mask_logit``."""
-    if mask_logit:
-        return torch.logsumexp(logits, dim=-1)
-    return logsumexp_without(logits, mask_index)
-
-
-def discrete_time_rows(logits: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, T: int,
-                       mask_index: int, mask_logit: bool) -> torch.Tensor:
-    """The T-step bound at masked positions only: (k, vocab) raw logits, their targets and
-    times -> (k,). ``mask_logit`` False gives [MASK] no mass (SUBS, or D3PM with
-    ``subs_masking``), so p_m = 0."""
-    lse = _log_normaliser(logits, mask_index, mask_logit)
-    log_p_x0 = logits.gather(-1, x0[:, None]).squeeze(-1) - lse
-    p_mask = (logits[:, mask_index] - lse).exp() if mask_logit else torch.zeros_like(lse)
-    return discrete_time_terms(log_p_x0, p_mask, t, T)
+def discrete_time_rows(logits: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+                       T: int, mask_index: int) -> torch.Tensor:
+    """The T-step bound at masked positions only: (k, vocab) raw logits (the [MASK] logit
+    already at NEG_INFINITY for SUBS or ``subs_masking``, so that p_m = 0), their targets
+    and times -> (k,)."""
+    log_p = logits.log_softmax(-1)
+    log_p_x0 = torch.gather(log_p, -1, x0[:, None]).squeeze(-1)
+    return discrete_time_terms(log_p_x0, log_p[:, mask_index].exp(), t, T)
 
 
 def reconstruction_loss(log_p_at_zero: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -66,8 +59,6 @@ def reconstruction_loss(log_p_at_zero: torch.Tensor, x0: torch.Tensor) -> torch.
     return -torch.gather(log_p_at_zero, -1, x0[:, :, None]).squeeze(-1)
 
 
-def reconstruction_rows(logits: torch.Tensor, x0: torch.Tensor, mask_index: int,
-                        subs_masking: bool) -> torch.Tensor:
-    """The reconstruction term from (k, vocab) raw logits at t = 0 -> (k,)."""
-    lse = _log_normaliser(logits, mask_index, not subs_masking)
-    return lse - logits.gather(-1, x0[:, None]).squeeze(-1)
+# the reconstruction term from (k, vocab) raw logits at t = 0 (the [MASK] logit at
+# NEG_INFINITY under ``subs_masking``) -> (k,)
+reconstruction_rows = cross_entropy_rows

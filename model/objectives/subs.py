@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from model.projection import cross_entropy_rows
+
 # The finite "minus infinity" of the reference implementation: exp() of it is exactly 0 in
 # float32 while sums and products with it stay finite.
 NEG_INFINITY = -1_000_000.0
@@ -42,22 +44,15 @@ def subs_loss_reweighted(log_p: torch.Tensor, x0: torch.Tensor, sigma_min: float
     return -log_p_x0 * reweighted_weight(sigma_min, log_p)
 
 
-def logsumexp_without(logits: torch.Tensor, column: int) -> torch.Tensor:
-    """logsumexp over the last axis of (k, vocab) logits leaving ``column`` out (its
-    probability exactly 0), from two views: no copy of the logits."""
-    parts = [p for p in (logits[:, :column], logits[:, column + 1:]) if p.shape[-1]]
-    if len(parts) == 1:
-        return torch.logsumexp(parts[0], dim=-1)
-    return torch.logaddexp(torch.logsumexp(parts[0], dim=-1), torch.logsumexp(parts[1], dim=-1))
+# -log p_theta(x0 | xt) at masked positions only, from (k, vocab) logits whose [MASK] logit
+# was set to NEG_INFINITY (``subs_fill``): the cross entropy over the real vocabulary, as
+# ``subs_parameterization`` gives it; the per-sequence weight is applied by the caller
+subs_rows = cross_entropy_rows
 
 
-def subs_rows(logits: torch.Tensor, x0: torch.Tensor, mask_index: int) -> torch.Tensor:
-    """-log p_theta(x0 | xt) at masked positions only: (k, vocab) logits -> (k,).
-
-    The cross entropy over the real vocabulary ([MASK] gets no mass, as in
-    ``subs_parameterization``); the per-sequence weight is applied by the caller.
-    """
-    return logsumexp_without(logits, mask_index) - logits.gather(-1, x0[:, None]).squeeze(-1)
+def subs_fill(mask_index: int) -> tuple[int, float]:
+    """The logit the SUBS parameterization pushes to minus infinity, for the chunked path."""
+    return mask_index, NEG_INFINITY
 
 
 def subs_weight(sigma: torch.Tensor, dsigma: torch.Tensor) -> torch.Tensor:
