@@ -192,7 +192,7 @@ class Diffusion(nn.Module):
                     "blocks must be model.length long (or twice that for cropping)."
                 )
             # drawn on the generator's own device (a CUDA generator cannot fill a CPU tensor)
-            device = generator.device if generator is not None else x0.device
+            device = generator.device if generator is not None else "cpu"
             start = int(torch.randint(length, (1,), generator=generator, device=device))
             inputs = x0[:, start:start + length].clone()
             targets = x0[:, start + 1:start + length + 1].clone()

@@ -105,7 +105,8 @@ def _losses_only(h, weight, bias, row_loss, aux, row_weights, chunk_rows, dtype,
 class _ProjectedLoss(torch.autograd.Function):
     """sum_i w_i loss_i(W h_i + b), with the gradients computed chunk by chunk in forward:
     autograd only through the row loss (d loss / d logits of the chunk), then the
-    projection's backward by hand, written in place (no weight-sized temporaries).
+    projection's backward by hand, accumulated into one float32 weight gradient (in place
+    for float32 weights; a low-precision chunk product is added to it).
 
     A filled column's gradient is taken after the fill: the filled logits have probability
     0, so it is 0, as the derivative through the fill itself is."""
@@ -143,9 +144,10 @@ class _ProjectedLoss(torch.autograd.Function):
         if grad_w is None:  # no rows
             grad_w = torch.zeros_like(weight, dtype=torch.float32)
             grad_b = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
-        # kept on ctx (not saved tensors) so backward can scale them in place, once
-        ctx.grads = (grad_h, grad_w.to(weight.dtype),
-                     None if grad_b is None else grad_b.to(bias.dtype))
+        # Kept on ctx (not saved tensors) so backward can scale them in place, once; in
+        # float32 until scaled (a loss-scaled fp16 or a bf16 weight is rounded only then).
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(losses)
         return (losses * row_weights).sum(), losses
 
@@ -155,7 +157,8 @@ class _ProjectedLoss(torch.autograd.Function):
             raise RuntimeError("the chunked projection's gradients were already used; it "
                                "supports one backward pass (no retain_graph).")
         grads, ctx.grads = ctx.grads, None
-        scaled = [None if g is None else g.mul_(grad_total.to(g.dtype)) for g in grads]
+        scaled = [None if g is None else g.mul_(grad_total.to(g.dtype)).to(dtype)
+                  for g, dtype in zip(grads, ctx.dtypes)]
         return (*scaled, None, None, None, None, None, None)
 
 
@@ -175,6 +178,9 @@ class Projection(nn.Linear):
         dtype = _compute_dtype(h.device)
         if row_weights is None:
             row_weights = torch.ones(h.shape[0], dtype=torch.float32, device=h.device)
+        elif row_weights.requires_grad:
+            raise ValueError("row_weights must not require gradients: the chunked loss "
+                             "treats them as constants.")
         chunk_rows = int(chunk_rows) or auto_chunk_rows(h.device, self.out_features)
         needs_grad = torch.is_grad_enabled() and (
             h.requires_grad or any(p.requires_grad for p in self.parameters()))

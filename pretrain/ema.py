@@ -16,6 +16,21 @@ def _local(p: torch.nn.Parameter) -> torch.Tensor:
     return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
 
 
+def _groups(sizes: list[int], float32: bool, budget: int = 1 << 26) -> list[tuple]:
+    """[start, stop) index ranges of the parameters updated together: all at once for
+    float32 weights (no copies), else about ``budget`` elements at a time."""
+    if float32:
+        return [(0, len(sizes))]
+    groups, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if total and total + size > budget:
+            groups.append((start, i))
+            start, total = i, 0
+        total += size
+    groups.append((start, len(sizes)))
+    return groups
+
+
 class EMA:
     def __init__(self, named_parameters, decay: float):
         self.names, self.params = zip(*[(n, p) for n, p in named_parameters if p.requires_grad])
@@ -23,15 +38,20 @@ class EMA:
         self.num_updates = 0
         self.partitioned = hasattr(self.params[0], "ds_tensor")
         self.shadow = [_local(p).detach().float().clone() for p in self.params]
+        self._groups = _groups([s.numel() for s in self.shadow],
+                               all(_local(p).dtype == torch.float32 for p in self.params))
         self._backup: list[torch.Tensor] | None = None
 
     @torch.no_grad()
     def update(self) -> None:
         self.num_updates += 1
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        # s <- s + (1 - decay)(p - s) for every parameter in a few fused kernels
-        torch._foreach_lerp_(self.shadow, [_local(p).float() for p in self.params],
-                             1.0 - decay)
+        # s <- s + (1 - decay)(p - s) in fused kernels; low-precision weights are widened a
+        # group at a time, so no float32 copy of the whole model exists at once
+        for start, stop in self._groups:
+            torch._foreach_lerp_(self.shadow[start:stop],
+                                 [_local(p).float() for p in self.params[start:stop]],
+                                 1.0 - decay)
 
     def _refresh(self, engine) -> None:
         """ZeRO-3 keeps whole copies of some parameters besides the partitions: the

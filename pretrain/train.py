@@ -224,8 +224,11 @@ def run(cfg):
             summary = _read_step(totals, stop.requested, engine.get_global_grad_norm(), device)
         else:
             summary["grad_norm"] = engine.get_global_grad_norm()
-        # DeepSpeed refused NaN/inf gradients itself
-        bad = summary["bad"] or not engine.was_step_applied()
+        bad = summary["bad"]
+        if not engine.was_step_applied():  # DeepSpeed refused NaN/inf gradients itself
+            bad = True
+            if scheduler is not None:
+                scheduler.step()  # it then skips the schedule too: keep lr a function of step
         sampler.advance(global_batch)
         step += 1
         if bad:
@@ -296,13 +299,15 @@ def _nonfinite_gradients(engine) -> torch.Tensor:
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     if not grads:  # an optimizer that keeps its own gradient copies checks them itself
         return torch.zeros((), dtype=torch.float64, device=D.device())
-    return (~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())).double()
+    # float32 norms: fp16 gradients scaled by the loss scale overflow an fp16 norm
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+    return (~torch.isfinite(torch.stack(norms).sum())).double()
 
 
 def _skip_step(engine) -> None:
     """A bad step under ZeRO-0 (whose optimizer takes any gradient): zero gradients and
     learning rate 0, so the weights do not move; the scheduler restores the rate at the
-    next step."""
+    next step (also when an optimizer wrapper refuses the step itself, see the loop)."""
     for p in engine.module.parameters():
         if p.grad is not None:
             p.grad.zero_()
