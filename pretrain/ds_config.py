@@ -125,6 +125,21 @@ def build(cfg, world: int, device_type: str | None = None) -> dict:
         if section.get("enabled", "auto") == "auto":
             section["enabled"] = wanted == key
     check_precision(cfg, precision, engine_dtype(ds), device_type)
+    return single_rank_stage(ds, world)
+
+
+def single_rank_stage(ds: dict, world: int) -> dict:
+    """ZeRO-1/2 on one rank partitions nothing; it only adds copies into flat partition
+    buffers and a second gradient norm (a third of an optimizer-bound step on the CPU). One
+    rank runs them as ZeRO-0, the same arithmetic. Offloading configs keep their stage: there
+    the partition lives in CPU memory on purpose."""
+    zero = ds.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    offload = any((zero.get(key) or {}).get("device", "none") not in ("none", None)
+                  for key in ("offload_optimizer", "offload_param"))
+    if world == 1 and stage in (1, 2) and not offload:
+        log.info("one rank: running ZeRO-%d as ZeRO-0 (nothing to partition)", stage)
+        ds = {**ds, "zero_optimization": {"stage": 0}}
     return ds
 
 

@@ -193,6 +193,8 @@ def run(cfg):
     iterator = iter(loader)
     skipped_in_a_row = 0
     stage = engine.zero_optimization_stage()
+    if world == 1 and stage == 0:
+        engine.enable_backward_allreduce = False  # one rank: no gradients to average
     engine.train()
     while step < max_steps:
         started = time.perf_counter()

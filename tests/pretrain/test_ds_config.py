@@ -103,3 +103,16 @@ def test_flops_per_token_counts_the_matmul_weights():
                   if p.ndim == 2 and not n.startswith(("vocab_embed", "sigma_map")))
     attention = 3 * 2 * 4 * config.length * config.hidden_size
     assert flops_per_token(config) == pytest.approx(6 * weights + attention, rel=0.01)
+
+
+def test_one_rank_runs_zero_1_and_2_as_zero_0_but_keeps_offload():
+    from pretrain.ds_config import single_rank_stage
+
+    for stage in (1, 2):
+        ds = {"zero_optimization": {"stage": stage, "overlap_comm": True}}
+        assert single_rank_stage(ds, 1)["zero_optimization"] == {"stage": 0}
+        assert single_rank_stage(ds, 2) == ds
+    offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    assert single_rank_stage(offload, 1) == offload
+    three = {"zero_optimization": {"stage": 3}}
+    assert single_rank_stage(three, 1) == three
