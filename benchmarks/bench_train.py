@@ -1,28 +1,255 @@
-"""Training-step throughput through the real DeepSpeed engine (one rank).
+"""Training-step speed and memory, each against a baseline measured in the same run.
 
-For MDLM tiny and small at L = 1024: seconds per optimizer step and tokens/s per device;
-on GPU also model FLOPs utilisation (6 N tokens + attention, against the device's bf16
-peak) and peak memory. Prints a table and one JSON line.
+Suites (``--suite``, default ``loss``):
 
-    python benchmarks/bench_train.py --models tiny,small --batch 1 --steps 3
-    python benchmarks/bench_train.py --precision bf16 --batch 8 --attn flash     # on a GPU
+- ``loss``: forward + backward of one micro-batch (L = 1024, GPT-2's V = 50,258, fixed t)
+  on the same network, alternated: a plain full-logits loss (log-softmax, gather, weight),
+  the release's full path (``model.loss_path=full``) and the masked-only chunked path
+  (``masked``), at t = 0.5 (half the positions masked). Tokens/s and the step's peak
+  memory (CUDA: allocated bytes; CPU: resident set high-water mark above the state before
+  the step), for SUBS and AR (``--with-checkpointing``: also the masked path with
+  activation checkpointing per block).
+- ``engine``: the optimizer-bound setting: ``mdlm mode=train`` (model=tiny,
+  data=builtin, L = 64, batch 1, fp32, one rank, EMA on; also with ``model.compile=True``
+  and with ``optim.impl=torch``) against a plain loop of the same loss with torch's
+  AdamW, median seconds per step after the first five.
+- ``optimizer``: DeepSpeed's CPU Adam against torch's AdamW at 100M parameters
+  (``benchmarks/bench_optim.py``).
+- ``gpu``: through the DeepSpeed engine on a GPU: tokens/s, MFU and peak memory for the
+  models given, in bf16, compiled and not, at the largest micro-batch that fits.
+
+Each suite prints a table and one JSON line.
+
+    python benchmarks/bench_train.py --suite loss --models tiny,small
+    python benchmarks/bench_train.py --suite engine
+    python benchmarks/bench_train.py --suite gpu --models small --precision bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a file from a plain checkout
+    sys.path.insert(0, str(ROOT))
 
-from model import Diffusion, ModelConfig
-from model.config import ARCHITECTURES
-from pretrain.flops import flops_per_token, peak_flops
+import torch  # noqa: E402
+
+from model import Diffusion, ModelConfig  # noqa: E402
+from model.config import ARCHITECTURES  # noqa: E402
+from pretrain.flops import flops_per_token, peak_flops  # noqa: E402
+
+GPT2_VOCAB = 50258
 
 
-def bench(size: str, args) -> dict:
+# ---------------------------------------------------------------------- memory probes
+def _return_freed_memory() -> None:
+    """Makes glibc give every allocation of 64 KiB or more back to the system when freed,
+    so the resident set follows the tensors alive (CPU peak-memory measurements)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    except OSError:
+        pass
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak(device) -> int:
+    """Starts a peak-memory window; returns the bytes in use now."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the resident-set high-water mark to the current size
+    return _rss_bytes("VmRSS")
+
+
+def peak_since(device, start: int) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    return _rss_bytes("VmHWM") - start
+
+
+# ---------------------------------------------------------------------- loss suite
+def plain_loss(model: Diffusion, x0, t, generator):
+    """The straightforward full-logits loss: B x L x V logits, log-softmax, gather, weight
+    (SUBS at masked positions; next-token cross entropy for AR)."""
+    if model.parameterization == "ar":
+        log_p = model.backbone.output_layer(model.backbone.trunk(x0[:, :-1])).log_softmax(-1)
+        return -log_p.gather(-1, x0[:, 1:, None]).mean()
+    n = model.noised(x0, t, generator)
+    logits = model.backbone(n.xt, n.conditioning)
+    nll = -logits.log_softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
+    weight = (n.dsigma / torch.expm1(n.sigma))[:, None] * (n.xt == model.mask_index)
+    return (nll * weight).sum() / x0.numel()
+
+
+def step_loss(kind: str, model: Diffusion, x0, t, generator):
+    if kind == "plain":
+        return plain_loss(model, x0, t, generator)
+    model.config.loss_path = "full" if kind == "full" else "masked"
+    model.config.activation_checkpointing = kind == "masked_ckpt"
+    return model.loss(x0, t=t, generator=generator).loss
+
+
+def loss_suite(args) -> dict:
+    _return_freed_memory()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for objective in args.objectives.split(","):
+        for size in args.models.split(","):
+            ar = objective == "ar"
+            config = ModelConfig(**ARCHITECTURES[size], length=args.length, dropout=0.0,
+                                 vocab_size=args.vocab, mask_index=args.vocab - 1,
+                                 backbone="ar" if ar else "dit", parameterization=objective,
+                                 autocast=args.autocast, loss_chunk_rows=args.chunk_rows)
+            torch.manual_seed(0)
+            model = Diffusion(config).to(device)
+            for p in model.parameters():
+                torch.nn.init.normal_(p, std=0.02)
+            x0 = torch.randint(0, args.vocab - 1, (args.batch, args.length), device=device)
+            t = torch.full((args.batch,), args.t, device=device)
+            kinds = ("full", "masked") if ar else ("plain", "full", "masked")
+            if args.with_checkpointing:
+                kinds += ("masked_ckpt",)
+            times = {k: [] for k in kinds}
+            peaks = {k: [] for k in kinds}
+            for repeat in range(args.warmup + args.repeats):
+                for kind in kinds:  # alternated, so drift hits every path alike
+                    model.zero_grad(set_to_none=True)
+                    generator = torch.Generator(device=device).manual_seed(repeat)
+                    start = reset_peak(device)
+                    began = time.perf_counter()
+                    step_loss(kind, model, x0, t, generator).backward()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    seconds = time.perf_counter() - began
+                    if repeat >= args.warmup:
+                        times[kind].append(seconds)
+                        peaks[kind].append(peak_since(device, start))
+            base = "full" if ar else "plain"
+            tokens = args.batch * args.length
+            row = {"objective": objective, "model": size, "baseline": base}
+            for kind in kinds:
+                seconds = statistics.median(times[kind])
+                row[kind] = {"tokens_per_s": tokens / seconds, "seconds": seconds,
+                             "peak_mib": max(peaks[kind]) / 2**20}
+            row["speedup"] = row[base]["seconds"] / row["masked"]["seconds"]
+            row["memory_ratio"] = row["masked"]["peak_mib"] / row[base]["peak_mib"]
+            if args.with_checkpointing:
+                row["checkpointed_speedup"] = row[base]["seconds"] / row["masked_ckpt"]["seconds"]
+                row["checkpointed_memory_ratio"] = (row["masked_ckpt"]["peak_mib"]
+                                                    / row[base]["peak_mib"])
+            if not ar:
+                row["speedup_vs_full"] = row["full"]["seconds"] / row["masked"]["seconds"]
+            rows.append(row)
+            print(f"{objective:>5} {size:>6}: " + "  ".join(
+                f"{k} {row[k]['tokens_per_s']:,.0f} tok/s {row[k]['peak_mib']:,.0f} MiB"
+                for k in kinds) + f"  -> masked {row['speedup']:.2f}x speed, "
+                f"{row['memory_ratio']:.2f}x memory of {base}", flush=True)
+    return {"bench": "train_loss", "device": _device_name(), "batch": args.batch,
+            "length": args.length, "vocab": args.vocab, "t": args.t,
+            "chunk_rows": args.chunk_rows, "autocast": args.autocast, "results": rows}
+
+
+# ---------------------------------------------------------------------- engine suite
+ENGINE_SIZE = ["data=builtin", "model=tiny", "model.length=64"]
+
+
+def _mdlm(args_list, env, timeout=1800):
+    done = subprocess.run([sys.executable, "-m", *args_list], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(" ".join(args_list) + " failed:\n" + done.stderr[-3000:])
+    return done
+
+
+def mdlm_step_seconds(run_dir: Path, env: dict, steps: int, extra: list[str]) -> float:
+    """Median step time of a real ``mdlm mode=train`` run (steps after the first 5)."""
+    _mdlm(["pretrain", *ENGINE_SIZE, "loader.global_batch_size=1", "loader.batch_size=1",
+           "loader.num_workers=0", "trainer.precision=32", f"trainer.max_steps={steps}",
+           "trainer.val_check_interval=0", "checkpointing.every_n_steps=0",
+           "checkpointing.resume_from_ckpt=False", "trainer.log_every_n_steps=1000",
+           "lr_scheduler.num_warmup_steps=0", f"hydra.run.dir={run_dir}", *extra], env)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["step_seconds"] for r in records[5:])
+
+
+def plain_loop_seconds(vocab: int, mask_index: int, steps: int) -> float:
+    """Median step time of the same model and loss in a plain loop with torch's AdamW."""
+    config = ModelConfig(**ARCHITECTURES["tiny"], length=64, vocab_size=vocab,
+                         mask_index=mask_index, autocast="off")
+    torch.manual_seed(0)
+    model = Diffusion(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    x0 = torch.randint(0, mask_index, (1, 64))
+    seconds = []
+    for _ in range(steps):
+        began = time.perf_counter()
+        model.loss(x0).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - began)
+    return statistics.median(seconds[5:])
+
+
+def engine_suite(args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, MDLM_DATA_DIR=str(Path(tmp) / "data"), CUDA_VISIBLE_DEVICES="",
+                   HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        _mdlm(["pretrain.data.prepare", *ENGINE_SIZE, "shards.num_proc=1",
+               f"hydra.run.dir={tmp}/prepare"], env)
+        from model import mask_and_vocab
+        from pretrain.data.tokenizers import get_tokenizer
+
+        mask_index, vocab = mask_and_vocab(get_tokenizer("builtin", env["MDLM_DATA_DIR"]))
+        results = {}
+        for repeat in range(args.repeats):  # alternated
+            results.setdefault("plain_torch_adamw", []).append(
+                plain_loop_seconds(vocab, mask_index, args.engine_steps))
+            for name, extra in (("mdlm", []), ("mdlm_compiled", ["model.compile=True"]),
+                                ("mdlm_torch_adamw", ["optim.impl=torch"])):
+                results.setdefault(name, []).append(mdlm_step_seconds(
+                    Path(tmp) / f"{name}_{repeat}", env, args.engine_steps, extra))
+    seconds = {k: statistics.median(v) for k, v in results.items()}
+    for name, value in seconds.items():
+        print(f"{name:>18}: {value * 1000:7.1f} ms/step  "
+              f"({seconds['plain_torch_adamw'] / value:.2f}x the plain loop)", flush=True)
+    return {"bench": "train_engine", "device": _device_name(), "model": "tiny", "length": 64,
+            "batch": 1, "vocab": vocab, "seconds_per_step": seconds,
+            "speedup_vs_plain": seconds["plain_torch_adamw"] / seconds["mdlm"],
+            "compiled_speedup_vs_plain": seconds["plain_torch_adamw"] / seconds["mdlm_compiled"]}
+
+
+# ---------------------------------------------------------------------- optimizer suite
+def optimizer_suite(args) -> dict:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_optim import run
+
+    return run(params_millions=args.optimizer_params, steps=args.optimizer_steps)
+
+
+# ---------------------------------------------------------------------- gpu suite
+def engine_throughput(size: str, batch: int, args, compiled: bool) -> dict:
+    """tokens/s, MFU and peak memory of DeepSpeed training steps (masked path) at ``batch``."""
     import deepspeed
 
     from pretrain import distributed as D
@@ -30,8 +257,10 @@ def bench(size: str, args) -> dict:
     D.init()
     device = D.device()
     config = ModelConfig(**ARCHITECTURES[size], length=args.length, dropout=0.1,
+                         vocab_size=args.vocab, mask_index=args.vocab - 1,
                          autocast="bf16" if args.precision == "bf16" else "off",
-                         attn_backend=args.attn, compile=args.compile)
+                         attn_backend=args.attn, compile=compiled,
+                         loss_path=args.loss_path)
     torch.manual_seed(0)
     model = Diffusion(config)
 
@@ -44,64 +273,128 @@ def bench(size: str, args) -> dict:
             return self.model.loss(x).loss
 
     module = LossModule()
-    ds = {"train_batch_size": args.batch, "train_micro_batch_size_per_gpu": args.batch,
+    ds = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch,
           "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
           "zero_optimization": {"stage": args.zero}, "steps_per_print": 10**9}
-    optimizer = torch.optim.AdamW(module.parameters(), lr=3e-4)
+    if device.type == "cuda":
+        from deepspeed.ops.adam import FusedAdam
+
+        optimizer = FusedAdam(module.parameters(), lr=3e-4, adam_w_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(module.parameters(), lr=3e-4)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds)
-    x = torch.randint(0, config.mask_index, (args.batch, args.length), device=device)
+    x = torch.randint(0, config.mask_index, (batch, args.length), device=device)
 
     def step():
-        loss = engine(x)
-        engine.backward(loss)
+        engine.backward(engine(x))
         engine.step()
 
     for _ in range(args.warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
+    start = reset_peak(device)
+    began = time.perf_counter()
     for _ in range(args.steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = (time.perf_counter() - started) / args.steps
-    tokens_per_s = args.batch * args.length / seconds
-    result = {"model": size, "seconds_per_step": seconds, "tokens_per_s_per_device": tokens_per_s,
-              "params": sum(p.numel() for p in model.parameters())}
+    seconds = (time.perf_counter() - began) / args.steps
+    result = {"model": size, "batch": batch, "compiled": compiled,
+              "seconds_per_step": seconds, "tokens_per_s": batch * args.length / seconds,
+              "peak_memory_gib": (peak_since(device, start) + start) / 2**30}
     peak = peak_flops()
     if peak:
-        result["mfu"] = tokens_per_s * flops_per_token(config) / peak
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["mfu"] = result["tokens_per_s"] * flops_per_token(config) / peak
     return result
+
+
+def _release_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def largest_batch(size: str, args, compiled: bool) -> dict:
+    """Doubles the micro-batch until a step runs out of memory; the last one that fits."""
+    best, batch = None, args.batch
+    while batch <= args.max_batch:
+        try:
+            best = engine_throughput(size, batch, args, compiled)
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            _release_memory()
+        print(f"  {size} compiled={compiled} batch {batch}: "
+              f"{best['tokens_per_s']:,.0f} tokens/s", flush=True)
+        batch *= 2
+    if best is None:
+        raise RuntimeError(f"model={size} does not fit one micro-batch of {args.batch}")
+    return best
+
+
+def gpu_suite(args) -> dict:
+    """Uncompiled at the largest micro-batch that fits; compiled (blocks under
+    ``torch.compile``) at that same batch, halved if compilation needs more memory."""
+    rows = []
+    for size in args.models.split(","):
+        plain = largest_batch(size, args, compiled=False)
+        runs = [plain]
+        if args.compile != "no":
+            batch = plain["batch"]
+            while batch >= 1:
+                try:
+                    runs.append(engine_throughput(size, batch, args, compiled=True))
+                    break
+                except torch.OutOfMemoryError:
+                    batch //= 2
+                finally:
+                    _release_memory()
+        for r in runs:
+            mfu = f"  MFU {r['mfu']:.1%}" if "mfu" in r else ""
+            print(f"{size:>7} compiled={r['compiled']}: batch {r['batch']}  "
+                  f"{r['tokens_per_s']:,.0f} tokens/s{mfu}  peak {r['peak_memory_gib']:.1f} GiB",
+                  flush=True)
+        rows += runs
+    return {"bench": "train_step", "device": _device_name(), "precision": args.precision,
+            "attn": args.attn, "zero": args.zero, "length": args.length, "vocab": args.vocab,
+            "loss_path": args.loss_path, "results": rows}
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", default="loss", choices=["loss", "engine", "optimizer", "gpu"])
     parser.add_argument("--models", default="tiny,small")
+    parser.add_argument("--objectives", default="subs,ar")
     parser.add_argument("--length", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--vocab", type=int, default=GPT2_VOCAB)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--t", type=float, default=0.5)
+    parser.add_argument("--chunk-rows", type=int, default=0)
+    parser.add_argument("--autocast", default="off", choices=["off", "bf16"])
+    parser.add_argument("--with-checkpointing", action="store_true",
+                        help="also the masked path with activation checkpointing per block")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--zero", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--engine-steps", type=int, default=25)
+    parser.add_argument("--optimizer-params", type=int, default=100)
+    parser.add_argument("--optimizer-steps", type=int, default=5)
+    parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--zero", type=int, default=1)
     parser.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "32")
-    parser.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flash"])
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--attn", default="sdpa", choices=["auto", "sdpa", "flash"])
+    parser.add_argument("--compile", default="both", choices=["both", "no"])
+    parser.add_argument("--loss-path", default="masked", choices=["masked", "full"])
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    rows = []
-    for size in args.models.split(","):
-        rows.append(bench(size, args))
-        r = rows[-1]
-        extra = (f"  MFU {r['mfu']:.1%}  peak {r['peak_memory_gib']:.1f} GiB"
-                 if "mfu" in r else "")
-        print(f"{size:>7}: {r['seconds_per_step']:.3f} s/step  "
-              f"{r['tokens_per_s_per_device']:,.0f} tokens/s/device{extra}", flush=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(json.dumps({"bench": "train_step", "device": device, "precision": args.precision,
-                      "attn": args.attn, "zero": args.zero, "batch": args.batch,
-                      "length": args.length, "compile": args.compile, "results": rows}))
+    suite = {"loss": loss_suite, "engine": engine_suite, "optimizer": optimizer_suite,
+             "gpu": gpu_suite}[args.suite]
+    print(json.dumps(suite(args)), flush=True)
 
 
 if __name__ == "__main__":

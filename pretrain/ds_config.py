@@ -128,6 +128,15 @@ def build(cfg, world: int, device_type: str | None = None) -> dict:
     return single_rank_stage(ds, world)
 
 
+def loop_clips(ds: dict) -> bool:
+    """Whether the training loop clips the gradients itself: under ZeRO-0 with fp32
+    weights, where it takes their norm anyway (its NaN check) and DeepSpeed would take it
+    again, parameter by parameter. Elsewhere DeepSpeed's optimizer wrappers clip."""
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    return stage == 0 and engine_dtype(ds) == "fp32" and float(
+        ds.get("gradient_clipping") or 0.0) > 0
+
+
 def single_rank_stage(ds: dict, world: int) -> dict:
     """ZeRO-1/2 on one rank partitions nothing; it only adds copies into flat partition
     buffers and a second gradient norm (a third of an optimizer-bound step on the CPU). One

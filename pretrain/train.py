@@ -140,8 +140,12 @@ def run(cfg):
     optimizer = optim.build(module, cfg, ds_cfg)
     max_steps = int(cfg.trainer.max_steps)
     scheduler = schedules.build(optimizer, cfg, max_steps)
+    # ZeRO-0 with fp32 weights: the loop clips, with the norm its NaN check takes anyway
+    clip = float(ds_cfg.get("gradient_clipping") or 0.0)
+    loop_clips = ds_config.loop_clips(ds_cfg)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+        model=module, optimizer=optimizer, lr_scheduler=scheduler,
+        config={**ds_cfg, "gradient_clipping": 0.0} if loop_clips else ds_cfg)
     if late_compile:  # ZeRO-3 partitions and hooks the modules first
         for block in model.backbone.blocks:
             block.compile()
@@ -217,14 +221,16 @@ def run(cfg):
             totals += torch.stack([out.loss.detach().double(), out.token_mask.sum().double(),
                                    bad_loss.double()])
             if micro_step == accumulation - 1 and stage == 0:
-                totals[2] += _nonfinite_gradients(engine)
-                summary = _read_step(totals, stop.requested, None, device)
+                norm = _grad_norm(engine, clip if loop_clips else 0.0)
+                totals[2] += (~torch.isfinite(norm)).double()
+                summary = _read_step(totals, stop.requested, norm if loop_clips else None,
+                                     device)
                 if summary["bad"]:
                     _skip_step(engine)
             engine.step()
         if stage > 0:
             summary = _read_step(totals, stop.requested, engine.get_global_grad_norm(), device)
-        else:
+        elif not loop_clips:
             summary["grad_norm"] = engine.get_global_grad_norm()
         bad = summary["bad"]
         if not engine.was_step_applied():  # DeepSpeed refused NaN/inf gradients itself
@@ -295,15 +301,19 @@ def _read_step(totals: torch.Tensor, stop_requested: bool, grad_norm, device) ->
             "grad_norm": None if grad_norm is None else norm_sum / D.world_size()}
 
 
-def _nonfinite_gradients(engine) -> torch.Tensor:
-    """1.0 when a gradient holds a NaN/inf, as a device scalar (ZeRO-0 gradients are
-    already averaged over ranks after the last backward of a step)."""
+def _grad_norm(engine, max_norm: float) -> torch.Tensor:
+    """The global gradient norm under ZeRO-0 (gradients are already averaged over ranks
+    after the last backward of a step), as a float32 device scalar; with ``max_norm`` > 0
+    the gradients are also clipped to it, as torch's ``clip_grad_norm_`` does."""
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     if not grads:  # an optimizer that keeps its own gradient copies checks them itself
-        return torch.zeros((), dtype=torch.float64, device=D.device())
+        return torch.zeros((), dtype=torch.float32, device=D.device())
     # float32 norms: fp16 gradients scaled by the loss scale overflow an fp16 norm
-    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-    return (~torch.isfinite(torch.stack(norms).sum())).double()
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2,
+                                                                    dtype=torch.float32)))
+    if max_norm > 0:
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
 
 
 def _skip_step(engine) -> None:
