@@ -221,12 +221,14 @@ def run(cfg):
             totals += torch.stack([out.loss.detach().double(), out.token_mask.sum().double(),
                                    bad_loss.double()])
             if micro_step == accumulation - 1 and stage == 0:
-                norm = _grad_norm(engine, clip if loop_clips else 0.0)
+                norm = _grad_norm(engine)
                 totals[2] += (~torch.isfinite(norm)).double()
                 summary = _read_step(totals, stop.requested, norm if loop_clips else None,
                                      device)
                 if summary["bad"]:
                     _skip_step(engine)
+                elif loop_clips:
+                    _clip(engine, clip, summary["grad_norm"])
             engine.step()
         if stage > 0:
             summary = _read_step(totals, stop.requested, engine.get_global_grad_norm(), device)
@@ -301,19 +303,27 @@ def _read_step(totals: torch.Tensor, stop_requested: bool, grad_norm, device) ->
             "grad_norm": None if grad_norm is None else norm_sum / D.world_size()}
 
 
-def _grad_norm(engine, max_norm: float) -> torch.Tensor:
+def _grads(engine) -> list[torch.Tensor]:
+    return [p.grad for p in engine.module.parameters() if p.grad is not None]
+
+
+def _grad_norm(engine) -> torch.Tensor:
     """The global gradient norm under ZeRO-0 (gradients are already averaged over ranks
-    after the last backward of a step), as a float32 device scalar; with ``max_norm`` > 0
-    the gradients are also clipped to it, as torch's ``clip_grad_norm_`` does."""
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    after the last backward of a step), as a float32 device scalar."""
+    grads = _grads(engine)
     if not grads:  # an optimizer that keeps its own gradient copies checks them itself
         return torch.zeros((), dtype=torch.float32, device=D.device())
     # float32 norms: fp16 gradients scaled by the loss scale overflow an fp16 norm
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2,
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2,
                                                                     dtype=torch.float32)))
-    if max_norm > 0:
-        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
-    return norm
+
+
+def _clip(engine, max_norm: float, norm: float) -> None:
+    """Scales the gradients by max_norm / (norm + 1e-6) when that is below 1, as torch's
+    ``clip_grad_norm_`` does (which multiplies by exactly 1 otherwise)."""
+    coefficient = max_norm / (norm + 1e-6)
+    if coefficient < 1.0:
+        torch._foreach_mul_(_grads(engine), coefficient)
 
 
 def _skip_step(engine) -> None:
