@@ -1,37 +1,131 @@
 #!/usr/bin/env bash
-# The GPU checks in one call of at most ~8 minutes, for a session lent a device machine:
-# bf16 training steps through the DeepSpeed engine with SDPA and (if importable) flash-attn,
-# tokens/s, MFU and peak memory for MDLM small and tiny at L=1024, plus a forward check that
-# bf16 logits stay close to fp32. Run from the repository root:
-#   bash benchmarks/gpu_check.sh            (prints JSON lines; copies them to $OUT if set)
+# Every GPU check in one call of well under 8 minutes, for a machine with one CUDA GPU and no
+# network. Run from a checkout (the project need not be installed):
+#
+#   bash benchmarks/gpu_wheels.sh          # here, with network: wheels of what the GPU image
+#                                          # lacks (deepspeed, hydra, ...) into .whl/
+#   bash benchmarks/gpu_check.sh           # there, with .whl/ carried along
+#   bash benchmarks/gpu_check.sh --dry-run # the same steps at toy sizes on a CPU (CI runs it)
+#
+# Prints, as JSON lines (also appended to $OUT/gpu_check.jsonl, or /tmp/gpu_check.jsonl):
+#   1. tokens/s, MFU and peak memory of MDLM small at L=1024 in bf16 (SDPA) through the
+#      DeepSpeed engine, compiled and not, at the largest micro-batch that fits;
+#   2. the masked-only loss path against the full-logits path (speed, peak memory), SUBS and AR;
+#   3. bf16 against fp32 logits on the same weights;
+#   4. text8-crop with a generator on the device; validation sampling at the release's
+#      per-GPU batch (64 x 1024 x 50258) with its peak memory; host synchronizations per step;
+#   5. a one-GPU training run that is killed, resumes, and logs the losses of an
+#      uninterrupted run (within a tolerance: CUDA reductions are not deterministic);
+#   6. fp16 training (loss-scaled) for a few steps.
+# Exits non-zero when a check fails; every step still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+REPO=$PWD
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
 PY=${PY:-python3}
-if ! "$PY" -c "import deepspeed, hydra, safetensors" 2>/dev/null; then
-    "$PY" -m pip install -q -e . 2>&1 | tail -2
+LOG=${OUT:-/tmp}/gpu_check.jsonl
+WORK=$(mktemp -d)
+: > "$LOG"
+failed=0
+
+# what the image lacks, from the wheels in .whl/ (pure Python, or built for its Python)
+if [ -d .whl ] && ! "$PY" -c "import deepspeed, hydra, omegaconf" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$WORK/site" .whl/*.whl || { echo "gpu_check: installing .whl/ failed"; exit 1; }
+    export PYTHONPATH="$WORK/site"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-log=${OUT:-/tmp}/gpu_check.jsonl
-: > "$log"
-run() { timeout 200 "$PY" "$@" 2>&1 | grep -v -i warn | tee -a "$log" | tail -4; }
-run benchmarks/bench_train.py --models small,tiny --batch 8 --steps 5 --warmup 2 --attn sdpa
-if "$PY" -c "import flash_attn" 2>/dev/null; then
-    run benchmarks/bench_train.py --models small --batch 8 --steps 5 --warmup 2 --attn flash
-else
-    echo '{"bench": "train_step", "attn": "flash", "skipped": "flash_attn not importable"}' | tee -a "$log"
-fi
-timeout 120 "$PY" - <<'PY' 2>&1 | grep -v -i warn | tee -a "$log"
-import json, torch
-from model import Diffusion, ModelConfig
-torch.manual_seed(0)
-full = Diffusion(ModelConfig(autocast="off", dropout=0.0)).cuda().eval()
-for p in full.parameters():
-    torch.nn.init.normal_(p, std=0.02)
-mixed = Diffusion(ModelConfig(autocast="bf16", dropout=0.0)).cuda().eval()
-mixed.load_state_dict(full.state_dict())
-x = torch.randint(0, 50257, (4, 1024), device="cuda")
-with torch.no_grad():
-    a, b = full.backbone(x), mixed.backbone(x)
-print(json.dumps({"bench": "bf16_vs_fp32_logits", "max_abs": float((a - b).abs().max()),
-                  "mean_abs": float((a - b).abs().mean()), "dtype": str(b.dtype)}))
+# the project from this checkout, installed or not
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 REPO
+export MDLM_DATA_DIR="$WORK/data"
+if ! "$PY" - <<'PY'
+import os, model, pretrain
+here = os.path.realpath(os.environ["REPO"])
+for package in (model, pretrain):
+    assert os.path.realpath(package.__file__).startswith(here + os.sep), package.__file__
+import deepspeed, hydra, omegaconf  # noqa: F401
 PY
+then
+    echo "gpu_check: the project or its dependencies do not import from $REPO"; exit 1
+fi
+
+step() {  # step <name> <seconds> <command...>: runs, keeps JSON lines, records a failure
+    local name=$1 limit=$2; shift 2
+    echo "== $name"
+    timeout "$limit" "$@" > "$WORK/step.out" 2>&1
+    local rc=$?
+    grep -v -i -E "warn|^\[20" "$WORK/step.out" | tail -n 12
+    grep '^{' "$WORK/step.out" >> "$LOG"
+    if [ "$rc" -ne 0 ]; then
+        echo "gpu_check: step '$name' failed (exit $rc)"; tail -n 25 "$WORK/step.out"
+        failed=1
+    fi
+}
+
+if [ "$DRY" = 1 ]; then
+    THROUGHPUT=(--models tiny --length 64 --vocab 4097 --batch 1 --max-batch 2 --steps 1
+                --warmup 1 --compile no --precision 32)
+    LOSS=(--models tiny --length 64 --vocab 4097 --batch 1 --repeats 1 --warmup 0)
+    CHECK=(--dry-run)
+    SIZE=(data=builtin model=tiny model.n_blocks=2 model.length=64 trainer.precision=32)
+else
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    THROUGHPUT=(--models small --length 1024 --batch 8 --max-batch 256 --steps 5 --warmup 2
+                --compile both --precision bf16)
+    LOSS=(--models small --length 1024 --batch 8 --repeats 3 --autocast bf16)
+    CHECK=()
+    SIZE=(data=builtin model=tiny model.length=128)
+fi
+"$PY" -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'cuda',
+torch.version.cuda, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
+
+step throughput 300 "$PY" benchmarks/bench_train.py --suite gpu --zero 1 "${THROUGHPUT[@]}"
+step loss-path 120 "$PY" benchmarks/bench_train.py --suite loss --objectives subs,ar "${LOSS[@]}"
+for check in logits crop sampling-memory syncs; do
+    step "$check" 120 "$PY" benchmarks/gpu_checks.py "$check" "${CHECK[@]}"
+done
+
+# a one-device DeepSpeed run (DeepSpeed's FusedAdam on CUDA, compiled by the first run and
+# cached): straight, and killed at step 6 then resumed
+TRAIN=("${SIZE[@]}" loader.global_batch_size=8 loader.batch_size=8 loader.eval_batch_size=8
+       loader.num_workers=0 trainer.max_steps=12 checkpointing.every_n_steps=4
+       trainer.val_check_interval=0 trainer.log_every_n_steps=1000 shards.num_proc=4
+       lr_scheduler.num_warmup_steps=0)
+step prepare 120 "$PY" -m pretrain.data.prepare "${SIZE[@]}" shards.num_proc=4 \
+    hydra.run.dir="$WORK/prepare"
+step train-straight 300 "$PY" -m pretrain "${TRAIN[@]}" hydra.run.dir="$WORK/straight"
+echo "== train-killed (rank 0 kills itself after step 6)"
+timeout 300 "$PY" -m pretrain "${TRAIN[@]}" trainer.fail_at_step=6 \
+    hydra.run.dir="$WORK/resumed" > "$WORK/killed.out" 2>&1
+echo "killed run exited $? (expected non-zero)"
+step train-resume 300 "$PY" -m pretrain "${TRAIN[@]}" hydra.run.dir="$WORK/resumed"
+step same-losses 60 "$PY" benchmarks/gpu_checks.py same-losses "$WORK/straight" "$WORK/resumed"
+
+echo "== fp16"
+timeout 150 "$PY" -m pretrain "${TRAIN[@]}" trainer.precision=fp16 trainer.max_steps=4 \
+    hydra.run.dir="$WORK/fp16" > "$WORK/fp16.out" 2>&1
+rc=$?
+if [ "$DRY" = 1 ] || ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    # no loss-scaled fp16 on a CPU: one sentence and exit 2
+    grep -q "needs a CUDA GPU" "$WORK/fp16.out" && [ "$rc" -eq 2 ] \
+        && ! grep -q Traceback "$WORK/fp16.out"
+    ok=$?
+else
+    [ "$rc" -eq 0 ] && "$PY" - "$WORK/fp16/metrics.jsonl" <<'PY'
+import json, math, sys
+losses = [json.loads(line)["loss"] for line in open(sys.argv[1])]
+assert len(losses) == 4 and all(math.isfinite(v) for v in losses), losses
+PY
+    ok=$?
+fi
+echo "{\"check\": \"fp16\", \"ok\": $([ $ok -eq 0 ] && echo true || echo false), \"exit\": $rc}" \
+    | tee -a "$LOG"
+[ "$ok" -eq 0 ] || { failed=1; tail -n 5 "$WORK/fp16.out"; }
+
+rm -rf "$WORK"
+if [ "$failed" -ne 0 ]; then
+    echo "gpu_check: some checks failed (see above); results in $LOG"
+    exit 1
+fi
+echo "gpu_check: all checks passed; results in $LOG"

@@ -1,0 +1,166 @@
+"""The correctness checks of ``benchmarks/gpu_check.sh`` that need a device, each printing
+one JSON line with ``"ok"``. On a CPU (``--dry-run`` sizes) they run the same code paths.
+
+    python benchmarks/gpu_checks.py logits            bf16 against fp32 logits, same weights
+    python benchmarks/gpu_checks.py crop              text8-crop with a generator on the device
+    python benchmarks/gpu_checks.py sampling-memory   validation sampling at release sizes
+    python benchmarks/gpu_checks.py syncs             host synchronizations per training step
+    python benchmarks/gpu_checks.py same-losses A B   two runs' metrics.jsonl losses agree
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a file from a plain checkout
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from model import Diffusion, ModelConfig  # noqa: E402
+from model.config import ARCHITECTURES  # noqa: E402
+
+GPT2_VOCAB = 50258
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sizes(dry: bool) -> dict:
+    """The release's sizes on a device; small ones for a CPU dry run."""
+    if dry:
+        return dict(arch="tiny", length=64, vocab=4097, batch=4)
+    return dict(arch="small", length=1024, vocab=GPT2_VOCAB, batch=64)
+
+
+def build(dry: bool, **changes) -> Diffusion:
+    s = sizes(dry)
+    config = ModelConfig(**ARCHITECTURES[s["arch"]], length=s["length"], vocab_size=s["vocab"],
+                         mask_index=s["vocab"] - 1, dropout=0.0, **changes)
+    torch.manual_seed(0)
+    model = Diffusion(config).to(device()).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def report(name: str, ok: bool, **values) -> bool:
+    print(json.dumps({"check": name, "ok": bool(ok), "device": str(device()), **values}),
+          flush=True)
+    return ok
+
+
+def check_logits(dry: bool) -> bool:
+    """bf16 autocast (the release's mixed precision) against fp32 on the same weights."""
+    full = build(dry, autocast="off")
+    mixed = build(dry, autocast="bf16")
+    mixed.load_state_dict(full.state_dict())
+    s = sizes(dry)
+    x = torch.randint(0, s["vocab"] - 1, (4, s["length"]), device=device())
+    with torch.no_grad():
+        a, b = full.backbone(x), mixed.backbone(x)
+    diff = (a - b).abs()
+    return report("bf16_vs_fp32_logits", b.dtype == torch.float32 and float(diff.max()) < 0.5
+                  and not torch.equal(a, b), max_abs=float(diff.max()),
+                  mean_abs=float(diff.mean()), logit_std=float(a.std()))
+
+
+def check_crop(dry: bool) -> bool:
+    """A block twice the model length is cropped at an offset drawn with a generator of
+    the model's device (the evaluation passes such generators)."""
+    model = build(dry, backbone="ar", parameterization="ar", bos_index=1, eos_index=2)
+    s = sizes(dry)
+    x0 = torch.randint(3, s["vocab"] - 1, (2, 2 * s["length"]), device=device())
+    generator = torch.Generator(device=device()).manual_seed(0)
+    with torch.no_grad():
+        out = model.loss(x0, generator=generator)
+    return report("text8_crop_device_generator", bool(torch.isfinite(out.loss)),
+                  loss=float(out.loss))
+
+
+def check_sampling_memory(dry: bool) -> bool:
+    """Two steps of validation sampling (ddpm_cache, float64 Gumbel noise) at the batch the
+    release's slurm script gives one GPU, with the peak memory it adds."""
+    from sampling.diffusion import sample
+
+    model = build(dry, autocast="bf16" if device().type == "cuda" else "off")
+    s = sizes(dry)
+    if device().type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    generator = torch.Generator(device=device()).manual_seed(0)
+    tokens, nfe = sample(model, s["batch"], s["length"], steps=128, predictor="ddpm_cache",
+                         generator=generator, stop_after=2, noise_removal=False)
+    values = {"batch": s["batch"], "length": s["length"], "vocab": s["vocab"], "nfe": nfe}
+    if device().type == "cuda":
+        torch.cuda.synchronize()
+        values["peak_extra_gib"] = (torch.cuda.max_memory_allocated() - before) / 2**30
+        # one float32 batch x length x vocab tensor, the unit of the sampler's working set
+        values["probs_gib"] = s["batch"] * s["length"] * s["vocab"] * 4 / 2**30
+    return report("validation_sampling_memory", tokens.shape == (s["batch"], s["length"]),
+                  **values)
+
+
+def check_syncs(dry: bool) -> bool:
+    """Host synchronizations in one training micro-step (forward + backward of the masked
+    loss): the count of positions to project is the one expected."""
+    if device().type != "cuda":
+        return report("host_syncs_per_micro_step", True, skipped="needs CUDA")
+    model = build(dry, autocast="bf16").train()
+    s = sizes(dry)
+    x0 = torch.randint(0, s["vocab"] - 1, (8, s["length"]), device=device())
+    model.loss(x0).loss.backward()  # warm-up: caches, workspaces
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.loss(x0).loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    return report("host_syncs_per_micro_step", len(syncs) <= 1, syncs=len(syncs),
+                  where=syncs[:5])
+
+
+def check_same_losses(a: str, b: str, rtol: float) -> bool:
+    """The losses of two runs' metrics.jsonl agree step for step (a resumed run against an
+    uninterrupted one): bitwise on CPU, within ``rtol`` on CUDA, whose reductions are not
+    deterministic."""
+    def losses(run):
+        lines = Path(run, "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+    la, lb = losses(a), losses(b)
+    worst = max((abs(la[k] - lb[k]) / max(abs(la[k]), 1e-12) for k in la), default=float("inf"))
+    tolerance = 0.0 if device().type == "cpu" else rtol
+    return report("resume_same_losses", sorted(la) == sorted(lb) and worst <= tolerance,
+                  steps=len(la), max_rel_diff=worst, tolerance=tolerance)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("check", choices=["logits", "crop", "sampling-memory", "syncs",
+                                          "same-losses"])
+    parser.add_argument("runs", nargs="*")
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--rtol", type=float, default=2e-3)
+    args = parser.parse_args()
+    if args.check == "same-losses":
+        ok = check_same_losses(*args.runs, rtol=args.rtol)
+    else:
+        ok = {"logits": check_logits, "crop": check_crop,
+              "sampling-memory": check_sampling_memory, "syncs": check_syncs}[args.check](
+            args.dry_run or device().type == "cpu")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
