@@ -65,15 +65,13 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits, targets, reduction="none")
 
 
-def _cross_entropy_in_place(logits, targets, weights=None):
-    """Per-row cross entropy, computed in the logits' buffer; with ``weights`` also
-    d(sum_i w_i loss_i)/d logits (w softmax - w one-hot), written over the logits."""
+def _cross_entropy_in_place(logits, targets, weights):
+    """(per-row cross entropy, d(sum_i w_i loss_i)/d logits = w softmax - w one-hot), both
+    computed in the logits' own buffer, which ends up holding the gradient."""
     picked = logits.gather(1, targets[:, None])[:, 0]
     top = logits.amax(dim=-1, keepdim=True)
     total = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
     losses = (top + total.log())[:, 0] - picked
-    if weights is None:
-        return losses, None
     grad = logits.mul_(weights[:, None] / total)
     grad.scatter_add_(1, targets[:, None], -weights[:, None].to(grad.dtype))
     return losses, grad
@@ -94,11 +92,10 @@ def _losses_only(h, weight, bias, row_loss, aux, row_weights, chunk_rows, dtype,
     _, weight, bias = _cast(h[:0], weight, bias, dtype)
     for part in _chunks(h.shape[0], chunk_rows):
         h_part = h[part] if dtype is None else h[part].to(dtype)
-        logits = _chunk_logits(h_part, weight, bias, fill)
-        if row_loss is cross_entropy_rows:
-            losses[part] = _cross_entropy_in_place(logits, aux[0][part])[0]
-        else:
-            losses[part] = row_loss(logits, *(a[part] for a in aux))
+        # evaluation keeps the log-softmax kernel's arithmetic: a perplexity equals the one
+        # computed from the network's full log-probabilities
+        losses[part] = row_loss(_chunk_logits(h_part, weight, bias, fill),
+                                *(a[part] for a in aux))
     return (losses * row_weights).sum(), losses
 
 
