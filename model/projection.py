@@ -45,12 +45,12 @@ def _compute_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _cast(h, weight, bias, dtype):
-    """The operands in ``dtype`` (the autocast dtype), as ``nn.Linear`` under autocast
+def _cast(weight, bias, dtype):
+    """Weight and bias in ``dtype`` (the autocast dtype), as ``nn.Linear`` under autocast
     casts them; unchanged when autocast is off."""
     if dtype is None:
-        return h, weight, bias
-    return h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+        return weight, bias
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def _chunks(n: int, size: int):
@@ -89,7 +89,7 @@ def _chunk_logits(h_part, w, b, fill):
 @torch.no_grad()
 def _losses_only(h, weight, bias, row_loss, aux, row_weights, chunk_rows, dtype, fill):
     losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-    _, weight, bias = _cast(h[:0], weight, bias, dtype)
+    weight, bias = _cast(weight, bias, dtype)
     for part in _chunks(h.shape[0], chunk_rows):
         h_part = h[part] if dtype is None else h[part].to(dtype)
         # evaluation keeps the log-softmax kernel's arithmetic: a perplexity equals the one
@@ -110,7 +110,7 @@ class _ProjectedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, row_weights, row_loss, aux, chunk_rows, dtype, fill):
-        _, w, b = _cast(h[:0], weight.detach(), None if bias is None else bias.detach(), dtype)
+        w, b = _cast(weight.detach(), None if bias is None else bias.detach(), dtype)
         grad_h = torch.empty_like(h)
         grad_w = grad_b = None
         losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
