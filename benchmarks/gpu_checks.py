@@ -132,15 +132,16 @@ def check_syncs(dry: bool) -> bool:
 
 def check_same_losses(a: str, b: str, rtol: float) -> bool:
     """The losses of two runs' metrics.jsonl agree step for step (a resumed run against an
-    uninterrupted one): bitwise on CPU, within ``rtol`` on CUDA, whose reductions are not
-    deterministic."""
+    uninterrupted one): within 1e-6 on the CPU, within ``rtol`` on CUDA, whose reductions
+    are not deterministic. (Two uninterrupted one-rank CPU runs were seen to differ by
+    5e-7 at a step, so the CPU bound is not 0; the 2-rank resume test is bitwise.)"""
     def losses(run):
         lines = Path(run, "metrics.jsonl").read_text().splitlines()
         return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
     la, lb = losses(a), losses(b)
     worst = max((abs(la[k] - lb[k]) / max(abs(la[k]), 1e-12) for k in la), default=float("inf"))
-    tolerance = 0.0 if device().type == "cpu" else rtol
+    tolerance = 1e-6 if device().type == "cpu" else rtol
     return report("resume_same_losses", sorted(la) == sorted(lb) and worst <= tolerance,
                   steps=len(la), max_rel_diff=worst, tolerance=tolerance)
 
