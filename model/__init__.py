@@ -6,7 +6,7 @@ Imports none of the project's other packages.
 from model.checkpoint import load_pretrained, save_pretrained
 from model.config import ModelConfig, from_run_config
 from model.diffusion import Diffusion, Loss, build_backbone
-from model.errors import CheckpointError, ConfigError
+from model.errors import CheckpointError, ConfigError, UserError
 from model.noise import get_noise
 from model.vocab import mask_and_vocab, tokenizer_ids
 
@@ -23,4 +23,5 @@ __all__ = [
     "mask_and_vocab",
     "save_pretrained",
     "tokenizer_ids",
+    "UserError",
 ]

@@ -51,11 +51,9 @@ def check_config(cfg: DictConfig) -> None:
 
 def _user_errors() -> tuple:
     """Errors whose message is the whole story: printed as one line, no traceback."""
-    from model import CheckpointError, ConfigError
-    from pretrain.data.shards import ShardError
-    from pretrain.ds_config import RunConfigError
+    from model.errors import UserError
 
-    return (CheckpointError, ConfigError, ShardError, RunConfigError, FloatingPointError)
+    return (UserError, FloatingPointError)
 
 
 def report_safe_loads() -> None:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from model.errors import UserError
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 NAMES = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
 log = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ PRECISIONS = {
 }
 
 
-class RunConfigError(ValueError):
+class RunConfigError(UserError):
     """A run setting that cannot work; the message names it and the fix."""
 
 

@@ -20,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.errors import UserError
+
 FORMAT_VERSION = 1
 META = "meta.json"
 VERIFIED = ".verified"
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """Shards that are missing, damaged, or were built for another run."""
 
 
