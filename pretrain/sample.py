@@ -40,19 +40,34 @@ def draw(model, cfg, batch_size: int, generator, bos_index: int):
     return sample(model, batch_size, length, **kwargs)
 
 
+_JUDGES: dict = {}
+
+
+def judge(name: str, device):
+    """The judge ``name`` and its tokenizer, read from disk once per process: periodic
+    validation scores samples many times in a run. Between uses it waits in host memory,
+    so the accelerator holds it only while it scores."""
+    if name not in _JUDGES:
+        _JUDGES.clear()
+        _JUDGES[name] = load_judge(name)
+    model, tokenizer = _JUDGES[name]
+    return model.to(device), tokenizer
+
+
 def score_samples(texts: list[str], token_ids: list[list[int]], cfg, device,
                   generative: bool = True) -> dict:
     """The samples' unigram ``entropy`` and, when ``generative``, their generative
-    perplexity under the judge ``eval.gen_ppl_eval_model_name_or_path`` (loaded here and
-    released after)."""
+    perplexity under the judge ``eval.gen_ppl_eval_model_name_or_path``."""
     result = {}
     if generative:
         name = str(cfg.eval.gen_ppl_eval_model_name_or_path)
-        judge, judge_tokenizer = load_judge(name, device)
-        result.update(generative_perplexity(texts, judge, judge_tokenizer,
-                                            max_length=int(cfg.model.length), name=name,
-                                            batch_size=int(cfg.eval.perplexity_batch_size)))
-        del judge
+        model, judge_tokenizer = judge(name, device)
+        try:
+            result.update(generative_perplexity(
+                texts, model, judge_tokenizer, max_length=int(cfg.model.length), name=name,
+                batch_size=int(cfg.eval.perplexity_batch_size)))
+        finally:
+            model.to("cpu")
     result["entropy"] = unigram_entropy(token_ids)
     return result
 

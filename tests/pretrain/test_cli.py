@@ -33,7 +33,7 @@ def test_defaults_are_the_releases():
     assert cfg.loader.global_batch_size == 512
     assert cfg.sampling.predictor == "ddpm_cache" and cfg.sampling.steps == 128
     assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.precision == "bf16"
-    assert cfg.trainer.val_check_interval == 100 and cfg.trainer.max_steps == 1_000_000
+    assert cfg.trainer.val_check_interval == 10_000 and cfg.trainer.max_steps == 1_000_000
     assert cfg.eval.gen_ppl_eval_model_name_or_path == "gpt2-large"
     assert cfg.eval.perplexity_batch_size == 8 and cfg.eval.disable_ema is False
     assert cfg.checkpointing.resume_from_ckpt is True
