@@ -48,7 +48,9 @@ def load_builtin_tokenizer(cache_dir):
     from transformers import PreTrainedTokenizerFast
 
     if cache_dir is None:
-        raise ValueError("data.tokenizer_name_or_path=builtin needs data.cache_dir to store "
+        from pretrain.data.sources import DataError
+
+        raise DataError("data.tokenizer_name_or_path=builtin needs data.cache_dir to store "
                          "the trained tokenizer; set data.cache_dir.")
     path = tokenizer_path(cache_dir)
     if not (path / "tokenizer.json").is_file():

@@ -48,14 +48,15 @@ def _dist():
         return None
 
 
-def ensure_shards(spec: BuildSpec, tokenizer, progress: bool = True) -> Path:
-    """The finished shard directory of ``spec``, built first if needed. Under
-    torch.distributed, rank 0 builds while the others wait at a barrier."""
+def ensure_shards(spec: BuildSpec, tokenizer, progress: bool = True, encoder=None) -> Path:
+    """The finished shard directory of ``spec``, built first if needed (with ``encoder``'s
+    workers when given). Under torch.distributed, rank 0 builds while the others wait at a
+    barrier."""
     if os.path.isfile(os.path.join(os.path.expanduser(spec.dataset), fmt.META)):
         return Path(os.path.expanduser(spec.dataset))  # a prepared shard directory
     dist = _dist()
     if dist is None:
-        return build(spec, tokenizer, progress=progress)
+        return build(spec, tokenizer, progress=progress, encoder=encoder)
     # Building OpenWebText takes hours, far past the default collective timeout: wait on a
     # group of our own with a long one.
     from datetime import timedelta
@@ -64,7 +65,7 @@ def ensure_shards(spec: BuildSpec, tokenizer, progress: bool = True) -> Path:
     directory = None
     try:
         if dist.get_rank() == 0:
-            directory = build(spec, tokenizer, progress=progress)
+            directory = build(spec, tokenizer, progress=progress, encoder=encoder)
     finally:
         dist.barrier(group=waiting)
     dist.destroy_process_group(waiting)

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import multiprocessing
+import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.data import shards as fmt
-from pretrain.data.sources import open_source
+from pretrain.data.encode import Encoder, framing_ids
+from pretrain.data.sources import DataError, open_source
 from pretrain.data.tokenizers import vocab_hash
 
 PROGRESS = "progress.json"
@@ -71,68 +73,7 @@ def shard_dir(spec: BuildSpec, tokenizer) -> Path:
     return root / f"{name}-{spec.split}-L{spec.block_size}-{mode}-{vocab_hash(tokenizer)}"
 
 
-# ----------------------------------------------------------------------------- tokenizing
-_TOKENIZER = None
-
-
-def _init_worker(tokenizer) -> None:
-    global _TOKENIZER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _TOKENIZER = tokenizer
-
-
-def _tokenize(job):
-    """One batch of documents -> (flat tokens, per-document token counts) in wrap mode, or
-    (rows of block_size tokens, real lengths) in pad mode."""
-    texts, wrap, block_size = job
-    tok = _TOKENIZER
-    if wrap:
-        ids = tok(texts, add_special_tokens=False, return_attention_mask=False,
-                  return_token_type_ids=False)["input_ids"]
-        eos = framing_ids(tok)[1]
-        lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)
-        flat = np.fromiter(itertools.chain.from_iterable(x + [eos] for x in ids),
-                           dtype=np.int64, count=int(lengths.sum()))
-        return flat, lengths
-    enc = tok(texts, max_length=block_size, padding="max_length", truncation=True,
-              add_special_tokens=True, return_attention_mask=True, return_token_type_ids=False)
-    rows = np.asarray(enc["input_ids"], dtype=np.int64).reshape(len(texts), block_size)
-    lengths = np.asarray(enc["attention_mask"], dtype=np.int64).sum(-1)
-    return rows, lengths
-
-
-class _Tokenizer:
-    """Runs ``_tokenize`` over batches, in worker processes when num_proc > 1."""
-
-    def __init__(self, tokenizer, num_proc: int):
-        self.pool = None
-        if num_proc > 1:
-            ctx = multiprocessing.get_context("spawn")
-            self.pool = ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer,))
-        else:
-            _init_worker(tokenizer)
-
-    def map(self, jobs):
-        return self.pool.imap(_tokenize, jobs) if self.pool else map(_tokenize, jobs)
-
-    def close(self):
-        if self.pool:
-            self.pool.terminate()
-            self.pool.join()
-
-
 # ----------------------------------------------------------------------------- building
-def _groups(texts, size):
-    group = []
-    for text in texts:
-        group.append(text)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
 class WrapGroups:
     """Where the wrap groups of a split end (document indices, exclusive)."""
 
@@ -163,25 +104,25 @@ class WrapGroups:
         return end
 
 
-def _jobs(start: int, count: int, groups: WrapGroups | None, batch_docs: int):
-    """Documents [start, start + count) cut into (offset, size, ends_group) jobs of at most
-    ``batch_docs``, every wrap group ending at the end of a job."""
+def _shard_jobs(texts, start: int, docs_per_shard: int, groups: WrapGroups | None,
+                batch_docs: int):
+    """The next shard's documents, read from ``texts`` (document ``start`` on), as
+    ``(batch, ends_group)`` jobs of at most ``batch_docs``, every wrap group ending at the end
+    of a job; stops early when the documents run out."""
     offset = 0
-    while offset < count:
-        size = min(batch_docs, count - offset)
-        ends_group = False
+    while offset < docs_per_shard:
+        size = min(batch_docs, docs_per_shard - offset)
         end = groups.next_end(start + offset) if groups is not None else None
-        if end is not None and end - start - offset <= size:
-            size, ends_group = end - start - offset, True
-        yield offset, size, ends_group
+        ends_group = end is not None and end - start - offset <= size
+        if ends_group:
+            size = end - start - offset
+        batch = list(itertools.islice(texts, size))
+        if not batch:
+            return
+        yield batch, ends_group and len(batch) == size
+        if len(batch) < size:
+            return
         offset += size
-
-
-def framing_ids(tokenizer) -> tuple[int, int]:
-    """BOS and EOS ids as the release computes them for wrapping: the first id of
-    ``encode(bos_token)`` and of ``encode(eos_token)``. For GPT-2 both are <|endoftext|>; for
-    a BERT tokenizer (whose encode adds [CLS] ... [SEP]) both are [CLS], as in the release."""
-    return tokenizer.encode(tokenizer.bos_token)[0], tokenizer.encode(tokenizer.eos_token)[0]
 
 
 def _frame(stream: np.ndarray, block_size: int, bos: int, eos: int):
@@ -196,84 +137,142 @@ def _frame(stream: np.ndarray, block_size: int, bos: int, eos: int):
     return rows, stream[n * body:]
 
 
-def build(spec: BuildSpec, tokenizer, progress: bool = True, stop_after=None) -> Path:
+def build(spec: BuildSpec, tokenizer, progress: bool = True, stop_after=None,
+          encoder: Encoder | None = None) -> Path:
     """Builds (or finishes) the shards of ``spec``; returns their directory.
 
-    ``stop_after`` (tests only) stops after that many new shards, as a killed run would.
+    ``encoder`` is the build's tokenizing workers, shared by all its splits (one is started
+    here, and closed, when none is given). ``stop_after`` (tests only) stops after that many
+    new shards, as a killed run would.
     """
-    from tqdm import tqdm
-
     directory = shard_dir(spec, tokenizer)
     if (directory / fmt.META).is_file():
         return directory
+    if encoder is None:
+        with Encoder(tokenizer, spec.num_proc) as encoder:
+            return build(spec, tokenizer, progress, stop_after, encoder)
+    from tqdm import tqdm
+
     directory.mkdir(parents=True, exist_ok=True)
     params = asdict(spec) | {"num_proc": None, "vocab_hash": vocab_hash(tokenizer)}
     state = {"params": params, "docs_done": 0, "carry": [], "shards": []}
     if (directory / PROGRESS).is_file():
-        import json
-
         saved = json.loads((directory / PROGRESS).read_text())
         if saved.get("params") == params:
             state = saved
 
-    vocab_size = len(tokenizer)
-    dtype = fmt.token_dtype(vocab_size)
+    dtype = fmt.token_dtype(len(tokenizer))
     bos, eos = framing_ids(tokenizer)
     source = open_source(spec.dataset, spec.split, spec.cache_dir, spec.streaming,
                          spec.block_size)
-    groups = (WrapGroups(spec.wrap_group_docs, spec.wrap_group_procs, source.num_docs,
+    groups = (WrapGroups(spec.wrap_group_docs, spec.wrap_group_procs,
+                         source.num_docs if spec.wrap_group_procs > 1 else None,
                          spec.dataset) if spec.wrap else None)
-    carry = np.asarray(state["carry"], dtype=np.int64)
-    workers = _Tokenizer(tokenizer, spec.num_proc)
-    bar = tqdm(total=source.num_docs, initial=state["docs_done"], unit="doc",
+    texts = source.texts(state["docs_done"])
+    bar = tqdm(total=source.known_docs, initial=state["docs_done"], unit="doc",
                disable=not progress, desc=f"{spec.dataset}:{spec.split}")
     started, new_tokens, new_shards = time.perf_counter(), 0, 0
     try:
-        for docs in _groups(source.texts(state["docs_done"]), spec.docs_per_shard):
-            cuts = list(_jobs(state["docs_done"], len(docs), groups, spec.batch_docs))
-            parts = list(workers.map([(docs[i:i + n], spec.wrap, spec.block_size)
-                                      for i, n, _ in cuts]))
-            if spec.wrap:
-                pieces = []
-                for (flat, _), (_, _, ends_group) in zip(parts, cuts):
-                    rows, carry = _frame(np.concatenate([carry, flat]), spec.block_size,
-                                         bos, eos)
-                    pieces.append(rows)
-                    if ends_group:
-                        carry = carry[:0]  # the group's incomplete tail is dropped
-                rows = np.concatenate(pieces)
-                lengths = None
-            else:
-                rows = np.concatenate([r for r, _ in parts])
-                lengths = np.concatenate([n for _, n in parts]).astype(np.uint32)
-            entry = _write_shard(directory, len(state["shards"]), rows.astype(dtype), lengths)
+        while True:
+            jobs = ((batch, spec.wrap, spec.block_size, ends_group) for batch, ends_group in
+                    _shard_jobs(texts, state["docs_done"], spec.docs_per_shard, groups,
+                                spec.batch_docs))
+            shard = _ShardOut(directory, len(state["shards"]), dtype, spec.wrap,
+                              spec.block_size)
+            try:
+                carry, docs, tokens = _encode_shard(encoder.map(jobs), shard, state, bos, eos,
+                                                    spec.block_size)
+                if docs == 0:
+                    break
+                entry = shard.finish()
+            finally:
+                shard.abort()
             if entry is not None:
                 state["shards"].append(entry)
-            state["docs_done"] += len(docs)
+            state["docs_done"] += docs
             state["carry"] = carry.tolist() if spec.wrap else []
             fmt.atomic_write_json(directory / PROGRESS, state)
-            new_tokens += sum(int(n.sum()) for _, n in parts)
+            new_tokens += tokens
             new_shards += 1
-            bar.update(len(docs))
+            bar.update(docs)
             bar.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - started):,.0f}")
             if stop_after is not None and new_shards >= stop_after:
                 return directory
     finally:
-        workers.close()
         bar.close()
 
     if not state["shards"]:
-        raise ValueError(
+        raise DataError(
             f"{spec.dataset} ({spec.split}) gave no complete block of {spec.block_size} "
             "tokens; use a larger corpus or a smaller model.length."
         )
-    meta = {
+    fmt.atomic_write_json(directory / fmt.META, _meta(spec, tokenizer, state, bos, eos, dtype))
+    (directory / PROGRESS).unlink(missing_ok=True)
+    return directory
+
+
+def _encode_shard(results, shard: _ShardOut, state: dict, bos: int, eos: int,
+                  block_size: int):
+    """Frames (wrap) or copies (pad) each encoded batch into ``shard`` as it arrives;
+    returns the carry into the next shard, the documents and the tokens of this one."""
+    carry = np.asarray(state["carry"], dtype=np.int64)
+    docs = tokens = 0
+    for (ids, lengths), ends_group in results:
+        docs += len(lengths)
+        tokens += int(lengths.sum())
+        if shard.wrap:
+            rows, carry = _frame(np.concatenate([carry, ids]), block_size, bos, eos)
+            if ends_group:
+                carry = carry[:0]  # the group's incomplete tail is dropped
+            shard.write(rows)
+        else:
+            shard.write(ids, lengths)
+    return carry, docs, tokens
+
+
+class _ShardOut:
+    """One shard written as its rows arrive: to a temporary file, checksummed on the way,
+    renamed into place by ``finish`` (an empty shard leaves no file)."""
+
+    def __init__(self, directory: Path, index: int, dtype, wrap: bool, block_size: int):
+        self.directory, self.dtype, self.wrap = directory, dtype, wrap
+        self.block_size = block_size
+        self.name = f"shard_{index:05d}.bin"
+        self.file = fmt.AtomicFile(directory / self.name)
+        self.sequences, self.lengths = 0, []
+
+    def write(self, rows: np.ndarray, lengths: np.ndarray | None = None) -> None:
+        self.file.write(rows.astype(self.dtype).tobytes())
+        self.sequences += len(rows)
+        if lengths is not None:
+            self.lengths.append(lengths.astype(np.uint32))
+
+    def finish(self) -> dict | None:
+        if self.sequences == 0:
+            return None
+        entry = {"file": self.name, "sequences": self.sequences, "bytes": self.file.size,
+                 "sha256": self.file.commit()}
+        if self.wrap:
+            return entry | {"real_tokens": self.sequences * self.block_size}
+        lengths = np.concatenate(self.lengths)
+        len_name = self.name.replace(".bin", ".len")
+        len_data = lengths.tobytes()
+        fmt.atomic_write_bytes(self.directory / len_name, len_data)
+        return entry | {"real_tokens": int(lengths.sum()), "lengths": len_name,
+                        "lengths_sha256": hashlib.sha256(len_data).hexdigest()}
+
+    def abort(self) -> None:
+        self.file.abort()
+
+
+def _meta(spec: BuildSpec, tokenizer, state: dict, bos: int, eos: int, dtype) -> dict:
+    return {
         "format_version": fmt.FORMAT_VERSION,
         "dataset": str(spec.dataset),
         "split": spec.split,
         "tokenizer": spec.tokenizer_name,
         "vocab_hash": vocab_hash(tokenizer),
-        "vocab_size": vocab_size,
+        "vocab_size": len(tokenizer),
         "bos_id": bos,
         "eos_id": eos,
         "pad_id": tokenizer.pad_token_id,
@@ -291,44 +290,36 @@ def build(spec: BuildSpec, tokenizer, progress: bool = True, stop_after=None) ->
                            "position < length, lengths in each shard's .len file (uint32)"),
         "shards": state["shards"],
     }
-    fmt.atomic_write_json(directory / fmt.META, meta)
-    (directory / PROGRESS).unlink(missing_ok=True)
-    return directory
-
-
-def _write_shard(directory: Path, index: int, rows: np.ndarray, lengths) -> dict | None:
-    if len(rows) == 0:
-        return None
-    name = f"shard_{index:05d}.bin"
-    data = rows.tobytes()
-    fmt.atomic_write_bytes(directory / name, data)
-    entry = {"file": name, "sequences": len(rows), "bytes": len(data),
-             "sha256": hashlib.sha256(data).hexdigest(),
-             "real_tokens": int(lengths.sum()) if lengths is not None else int(rows.size)}
-    if lengths is not None:
-        len_name = f"shard_{index:05d}.len"
-        len_data = lengths.tobytes()
-        fmt.atomic_write_bytes(directory / len_name, len_data)
-        entry.update(lengths=len_name, lengths_sha256=hashlib.sha256(len_data).hexdigest())
-    return entry
 
 
 def _main(cfg) -> None:
-    import json
-
     from pretrain.data.datasets import build_spec, ensure_shards, tokenizer_for
     from pretrain.resolvers import absolutize_paths
 
     absolutize_paths(cfg)
     tokenizer = tokenizer_for(cfg)
     summary = {}
-    for kind in ("train", "valid"):
-        spec = build_spec(cfg, kind)
-        directory = ensure_shards(spec, tokenizer)
-        meta = fmt.read_meta(directory)
-        summary[kind] = {"directory": str(directory), "sequences": meta["num_sequences"],
-                         "tokens": meta["num_tokens"], "documents": meta["num_documents"]}
+    specs = {kind: build_spec(cfg, kind) for kind in ("train", "valid")}
+    with Encoder(tokenizer, specs["train"].num_proc,
+                 str(cfg.get("shards", {}).get("tokenize", "auto"))) as encoder:
+        for kind, spec in specs.items():  # one set of workers for every split
+            directory = ensure_shards(spec, tokenizer, encoder=encoder)
+            meta = fmt.read_meta(directory)
+            summary[kind] = {"directory": str(directory), "sequences": meta["num_sequences"],
+                             "tokens": meta["num_tokens"], "documents": meta["num_documents"]}
     print(json.dumps(summary))
+
+
+def _task(cfg) -> None:
+    """A mistake a user can fix is one line on stderr and exit status 2; a bug keeps its
+    traceback."""
+    from model.errors import UserError
+
+    try:
+        _main(cfg)
+    except UserError as err:
+        print(f"prepare: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main() -> None:
@@ -337,7 +328,7 @@ def main() -> None:
     from pretrain.resolvers import register
 
     register()
-    hydra.main(config_path="../config", config_name="config", version_base=None)(_main)()
+    hydra.main(config_path="../config", config_name="config", version_base=None)(_task)()
 
 
 if __name__ == "__main__":

@@ -59,6 +59,41 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+class AtomicFile:
+    """A file written in pieces to a temporary name and checksummed on the way; ``commit``
+    syncs it and renames it into place (returning its sha256), ``abort`` removes it. Until
+    ``commit`` nothing at ``path`` changes."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        self.file = os.fdopen(fd, "wb")
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+
+    def commit(self) -> str:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.chmod(self.tmp, 0o644)
+        os.replace(self.tmp, self.path)
+        self.tmp = None
+        return self.digest.hexdigest()
+
+    def abort(self) -> None:
+        if self.tmp is not None:
+            self.file.close()
+            if os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+            self.tmp = None
+
+
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 

@@ -3,6 +3,7 @@ files, each giving the raw texts of one split (detokenized as the release does).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import urllib.request
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.errors import UserError
 from pretrain.data import builtin, detokenizers
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
@@ -35,6 +37,10 @@ HF_RECIPES = {
     "scientific_papers_pubmed": ("scientific_papers", "pubmed", "article"),
 }
 RECIPES = sorted([*HF_RECIPES, "lambada", "text8", "text8-crop", "builtin"])
+
+
+class DataError(UserError):
+    """A data file or dataset that is missing, unreadable or malformed."""
 
 
 def validation_split(name: str) -> str:
@@ -62,9 +68,18 @@ class Source:
         except TypeError:  # streaming
             return None
 
+    @property
+    def known_docs(self) -> int | None:
+        """The number of documents when it is known without reading the split."""
+        if isinstance(self.dataset, LocalCorpus):
+            return self.dataset.cheap_len()
+        return self.num_docs
+
     def texts(self, start: int = 0) -> Iterator[str]:
         data = self.dataset
-        if isinstance(data, list):
+        if isinstance(data, LocalCorpus):
+            items = data.texts(start)
+        elif isinstance(data, list):
             items = iter(data[start:])
         elif self.num_docs is None:
             items = (row[self.column] for row in data.skip(start))
@@ -83,12 +98,21 @@ def is_local(name: str) -> bool:
     return os.path.exists(os.path.expanduser(str(name)))
 
 
+def looks_like_path(name: str) -> bool:
+    """A name meant as a local file: a data-file suffix or an explicit directory prefix."""
+    name = str(name)
+    return name.endswith(LOCAL_SUFFIXES) or name.startswith(("/", "./", "../", "~"))
+
+
 def open_source(name: str, split: str, cache_dir: str, streaming: bool = False,
                 block_size: int = 1024) -> Source:
     """The documents of dataset ``name`` (a recipe, ``builtin`` or a local path) for ``split``
     (``train`` or the recipe's validation split)."""
     if is_local(name):
-        return Source(name, split, read_local(Path(os.path.expanduser(name))))
+        return Source(name, split, LocalCorpus(Path(os.path.expanduser(name))))
+    if looks_like_path(name):
+        raise DataError(f"data file {name} does not exist; check the path given to "
+                        "data.train / data.valid (or name a dataset recipe).")
     if name == "builtin":
         return Source(name, split, builtin.documents(split))
     if name in ("text8", "text8-crop"):
@@ -107,7 +131,7 @@ def open_source(name: str, split: str, cache_dir: str, streaming: bool = False,
     else:
         hf_split = split
     if streaming and name.startswith("openwebtext-"):
-        raise ValueError(f"data.train={name} slices the last {OWT_VALID_DOCS} documents off, "
+        raise DataError(f"data.train={name} slices the last {OWT_VALID_DOCS} documents off, "
                          "which a streamed dataset cannot do; set data.streaming=False.")
     dataset = _load_hf(path, config, cache_dir, streaming, split=hf_split)
     return Source(name, split, dataset, column, detok)
@@ -133,7 +157,7 @@ def _load_hf(path, config, cache_dir, streaming, **kwargs):
                                          **common)
         except Exception as err:
             first = err
-    raise ValueError(
+    raise DataError(
         f"could not load dataset {path!r}{f' ({config})' if config else ''} split "
         f"{kwargs.get('split')!r}: {type(first).__name__}: {str(first)[:200]}; point "
         "data.train / data.valid at a local copy (.parquet, .jsonl, .txt) instead."
@@ -141,43 +165,185 @@ def _load_hf(path, config, cache_dir, streaming, **kwargs):
 
 
 def read_local(path: Path) -> list[str]:
-    """Documents of a local file or directory: a directory's .txt files are one document
-    each; a single .txt file holds one document per blank-line-separated paragraph;
-    .jsonl/.json rows and .parquet rows give their ``text`` field."""
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file())
-        if not files:
-            raise ValueError(f"{path} holds no {'/'.join(LOCAL_SUFFIXES)} files.")
-        docs = []
-        for f in files:
-            docs.extend([f.read_text(encoding="utf-8").strip()] if f.suffix == ".txt"
-                        else read_local(f))
-        return docs
-    if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
-        return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
-    if path.suffix in (".jsonl", ".json"):
-        return _json_texts(path)
+    """All documents of a local file or directory (see ``LocalCorpus``), as a list."""
+    return list(LocalCorpus(Path(path)).texts())
+
+
+class LocalCorpus:
+    """Documents of a local file or directory, streamed: a directory's .txt files are one
+    document each; a single .txt file holds one document per blank-line-separated paragraph;
+    .jsonl/.json rows and .parquet rows give their ``text`` field. Nothing holds the split:
+    ``texts(start)`` reads the files as it goes. Mistakes in a file (not UTF-8, a malformed
+    line, no ``text`` field) stop with a ``DataError`` naming the file and where."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if self.path.is_dir():
+            self.files = sorted(p for p in self.path.rglob("*")
+                                if p.suffix in LOCAL_SUFFIXES and p.is_file())
+            if not self.files:
+                raise DataError(f"{self.path} holds no {'/'.join(LOCAL_SUFFIXES)} files; "
+                                "point data.train / data.valid at a directory that does.")
+        elif self.path.suffix in LOCAL_SUFFIXES:
+            self.files = [self.path]
+        else:
+            raise DataError(f"{self.path} is not a {'/'.join(LOCAL_SUFFIXES)} file or a "
+                            "directory; convert it to one of them.")
+        self._count = None
+
+    def texts(self, start: int = 0) -> Iterator[str]:
+        whole_files = self.path.is_dir()
+        docs = (doc for f in self.files for doc in
+                (_whole_text(f) if whole_files and f.suffix == ".txt" else _file_texts(f)))
+        return itertools.islice(docs, start, None)
+
+    def cheap_len(self) -> int | None:
+        """The number of documents when counting them costs no parsing (.jsonl, .parquet)."""
+        if any(f.suffix not in (".jsonl", ".parquet") for f in self.files):
+            return None if self._count is None else self._count
+        return len(self)
+
+    def __len__(self) -> int:
+        if self._count is None:
+            self._count = sum(_count_docs(f, self.path.is_dir()) for f in self.files)
+        return self._count
+
+
+def _count_docs(path: Path, whole_files: bool) -> int:
+    if whole_files and path.suffix == ".txt":
+        return 1
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        if "text" not in table.column_names:
-            raise ValueError(f"{path} has no 'text' column (columns: {table.column_names}).")
-        return [str(t) for t in table.column("text").to_pylist()]
-    raise ValueError(f"{path} is not a {'/'.join(LOCAL_SUFFIXES)} file or a directory.")
+        return pq.ParquetFile(path).metadata.num_rows
+    if path.suffix == ".jsonl":
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    return sum(1 for _ in _file_texts(path))
 
 
-def _json_texts(path: Path) -> list[str]:
-    raw = path.read_text(encoding="utf-8").strip()
-    if path.suffix == ".json" and raw.startswith("["):
-        rows = json.loads(raw)
-    else:
-        rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
+def _whole_text(path: Path) -> Iterator[str]:
     try:
-        return [row["text"] for row in rows]
-    except (KeyError, TypeError):
-        raise ValueError(f"{path}: every row needs a 'text' field.") from None
+        yield path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _file_texts(path: Path) -> Iterator[str]:
+    if path.suffix == ".txt":
+        return _paragraphs(path)
+    if path.suffix == ".parquet":
+        return _parquet_texts(path)
+    with open(path, "rb") as f:
+        array = path.suffix == ".json" and f.read(4096).lstrip().startswith(b"[")
+    return _json_array_texts(path) if array else _jsonl_texts(path)
+
+
+def _paragraphs(path: Path) -> Iterator[str]:
+    """Blank-line-separated paragraphs, stripped, with universal newlines (as ``read_text``)."""
+    lines = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line == "\n":
+                    if text := "".join(lines).strip():
+                        yield text
+                    lines = []
+                else:
+                    lines.append(line)
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    if text := "".join(lines).strip():
+        yield text
+
+
+def _jsonl_texts(path: Path) -> Iterator[str]:
+    offset = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, offset + err.start) from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {number} is not valid JSON ({err.msg} at column "
+                                f"{err.colno}); fix or remove that line (one JSON object "
+                                'with a "text" field per line).') from None
+            yield _text_field(row, path, f"line {number}")
+
+
+def _json_array_texts(path: Path) -> Iterator[str]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err.start) from None
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} line {err.lineno} is not valid JSON ({err.msg} at column "
+                        f"{err.colno}); fix the file (a JSON array of objects with a "
+                        '"text" field).') from None
+    for i, row in enumerate(rows):
+        yield _text_field(row, path, f"row {i + 1}")
+
+
+def _text_field(row, path: Path, where: str) -> str:
+    try:
+        text = row["text"]
+    except (KeyError, TypeError, IndexError):
+        text = None
+    if not isinstance(text, str):
+        raise DataError(f"{path} {where} has no string 'text' field; every row needs one "
+                        '(e.g. {"text": "..."}).')
+    return text
+
+
+def _parquet_texts(path: Path) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as err:  # not a parquet file
+        raise DataError(f"{path} is not a readable parquet file ({type(err).__name__}); "
+                        "rewrite it with pyarrow or use .jsonl.") from None
+    columns = table.schema_arrow.names
+    if "text" not in columns:
+        raise DataError(f"{path} has no 'text' column (columns: {columns}); rename the "
+                        "column holding the documents to 'text'.")
+    for batch in table.iter_batches(batch_size=1000, columns=["text"]):
+        yield from (str(t) for t in batch.column(0).to_pylist())
+
+
+def first_bad_utf8_byte(path: Path, block: int = 1 << 20) -> int | None:
+    """The byte offset of the first byte of ``path`` that is not UTF-8, or None."""
+    offset, tail = 0, b""
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(block)
+            data = tail + chunk
+            try:
+                data.decode("utf-8")
+                offset, tail = offset + len(data), b""
+            except UnicodeDecodeError as err:
+                if chunk and err.reason == "unexpected end of data":  # cut by the block edge
+                    offset, tail = offset + err.start, data[err.start:]
+                else:
+                    return offset + err.start
+            if not chunk:
+                return None
+
+
+def _not_utf8(path: Path, offset: int | None = None) -> DataError:
+    if offset is None:
+        offset = first_bad_utf8_byte(path)
+    return DataError(f"{path} is not UTF-8 text: byte {offset} cannot be decoded; convert "
+                     "the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`).")
 
 
 def text8_documents(cache_dir: str, split: str, block_size: int, crop_train: bool) -> list[str]:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import transformers
 
+from pretrain.data.sources import DataError
+
 TEXT8 = "text8"
 BUILTIN = "builtin"
 
@@ -134,7 +136,7 @@ def _load(name_or_path: str, cache_dir: str | None):
     try:
         return transformers.AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
-        raise ValueError(
+        raise DataError(
             f"data.tokenizer_name_or_path={name_or_path!r} could not be loaded "
             f"({type(err).__name__}); give a hub name (gpt2, bert-base-uncased), a local "
             "tokenizer directory, a sentencepiece .model file, 'text8' or 'builtin'."
@@ -159,12 +161,12 @@ def normalize(tokenizer, name: str = "tokenizer"):
         )
     if tokenizer.bos_token is None:
         if tokenizer.cls_token is None:
-            raise ValueError(f"tokenizer {name_or_path!r} has neither a BOS nor a CLS token; "
+            raise DataError(f"tokenizer {name_or_path!r} has neither a BOS nor a CLS token; "
                              "use a tokenizer with one of them.")
         tokenizer.bos_token = tokenizer.cls_token
     if tokenizer.eos_token is None:
         if tokenizer.sep_token is None:
-            raise ValueError(f"tokenizer {name_or_path!r} has neither an EOS nor a SEP token; "
+            raise DataError(f"tokenizer {name_or_path!r} has neither an EOS nor a SEP token; "
                              "use a tokenizer with one of them.")
         tokenizer.eos_token = tokenizer.sep_token
     if tokenizer.pad_token is None:

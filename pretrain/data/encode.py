@@ -1,0 +1,187 @@
+"""Documents -> token ids, in parallel where the parallelism is cheapest.
+
+A fast (Rust) tokenizer encodes a batch of documents on ``num_proc`` threads of its own
+(``encode_batch``: no Python work per token, ids straight into numpy) inside the building
+process, so no text or token is ever pickled between processes; a tokenizer written in
+Python (text8, sentencepiece) is run in ``num_proc`` spawned worker processes instead.
+``benchmarks/bench_data.py --strategies`` measures the three choices (threads, processes,
+both) against each other. One ``Encoder`` serves every split of a build and starts its
+workers once, on first use.
+
+Wrap mode gives each batch's ids followed by EOS, flattened, with per-document counts; pad
+mode gives rows of ``block_size`` ids (special tokens added, truncated and padded) and the
+real lengths. Both are exactly what ``tokenizer(texts, ...)`` gives (a test checks).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import deque
+
+import numpy as np
+
+STRATEGIES = ("auto", "threads", "processes", "both")
+
+
+def framing_ids(tokenizer) -> tuple[int, int]:
+    """BOS and EOS ids as the release computes them for wrapping: the first id of
+    ``encode(bos_token)`` and of ``encode(eos_token)``. For GPT-2 both are <|endoftext|>; for
+    a BERT tokenizer (whose encode adds [CLS] ... [SEP]) both are [CLS], as in the release."""
+    return tokenizer.encode(tokenizer.bos_token)[0], tokenizer.encode(tokenizer.eos_token)[0]
+
+
+def rust_backend(tokenizer):
+    """The fast tokenizer's Rust tokenizer set up as ``tokenizer(texts,
+    add_special_tokens=False)`` runs it (no truncation, no padding), or None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(backend.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    return backend
+
+
+class _Codec:
+    """What one process needs to encode: the tokenizer, its Rust backend, EOS."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.backend = rust_backend(tokenizer)
+        self.eos = framing_ids(tokenizer)[1]
+
+    def __call__(self, texts: list[str], wrap: bool, block_size: int):
+        if wrap:
+            if self.backend is not None:
+                encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+                ids = [e.ids for e in encode(texts, add_special_tokens=False)]
+            else:
+                ids = self.tokenizer(texts, add_special_tokens=False,
+                                     return_attention_mask=False,
+                                     return_token_type_ids=False)["input_ids"]
+            lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+            flat = np.fromiter(itertools.chain.from_iterable(x + [self.eos] for x in ids),
+                               dtype=np.int64, count=int(lengths.sum()))
+            return flat, lengths
+        enc = self.tokenizer(texts, max_length=block_size, padding="max_length",
+                             truncation=True, add_special_tokens=True,
+                             return_attention_mask=True, return_token_type_ids=False)
+        rows = np.asarray(enc["input_ids"], dtype=np.int64).reshape(len(texts), block_size)
+        lengths = np.asarray(enc["attention_mask"], dtype=np.int64).sum(-1)
+        return rows, lengths
+
+
+_CODEC = None
+
+
+def _init_worker(tokenizer, threads: int) -> None:
+    global _CODEC
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+    _CODEC = _Codec(tokenizer)
+
+
+def _encode(job):
+    return _CODEC(*job)
+
+
+def choose(tokenizer, strategy: str = "auto") -> str:
+    """``auto``: threads for a fast tokenizer (the fastest measured), else processes."""
+    if strategy not in STRATEGIES:
+        from pretrain.data.sources import DataError
+
+        raise DataError(f"shards.tokenize={strategy!r} is not one of {STRATEGIES}; "
+                        "use one of them (auto picks the fastest).")
+    if strategy == "auto":
+        return "threads" if getattr(tokenizer, "is_fast", False) else "processes"
+    return strategy
+
+
+class Encoder:
+    """Encodes batches of documents with ``num_proc`` cores, in order, keeping at most
+    ``window`` batches in flight so memory stays bounded whatever the split's size."""
+
+    def __init__(self, tokenizer, num_proc: int = 1, strategy: str = "auto"):
+        self.tokenizer = tokenizer
+        self.num_proc = max(1, int(num_proc))
+        self.strategy = choose(tokenizer, strategy)
+        self.pool = None
+        self.codec = None
+        self.threads = None
+
+    def _start(self) -> None:
+        if self.strategy == "processes" and self.num_proc > 1:
+            self._start_pool(self.num_proc, 1)
+        elif self.strategy == "both" and self.num_proc > 1:
+            procs = max(1, self.num_proc // 2)
+            self._start_pool(procs, self.num_proc // procs)
+        else:  # threads in this process (a single core for "processes" at num_proc=1)
+            threads = self.num_proc if self.strategy != "processes" else 1
+            # Rust's threads on for the build only, then back as they were: a later fork
+            # (DataLoader workers) turns them off quietly instead of warning.
+            self._env = {k: os.environ.get(k) for k in ("TOKENIZERS_PARALLELISM",
+                                                        "RAYON_NUM_THREADS")}
+            os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+            os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
+            self.codec = _Codec(self.tokenizer)
+            from concurrent.futures import ThreadPoolExecutor
+
+            # One thread runs the Rust call (which frees the GIL) while this one reads the
+            # next batch of documents.
+            self.threads = ThreadPoolExecutor(1)
+
+    def _start_pool(self, procs: int, threads: int) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.pool = ctx.Pool(procs, initializer=_init_worker,
+                             initargs=(self.tokenizer, threads))
+
+    def map(self, jobs, window: int | None = None):
+        """Yields ``(result, extra)`` for each ``(texts, wrap, block_size, extra)`` of
+        ``jobs``, in order."""
+        if self.pool is None and self.codec is None:
+            self._start()
+        window = window or (2 * self.num_proc if self.pool is not None else 2)
+        pending = deque()
+        for texts, wrap, block_size, extra in jobs:
+            if self.pool is not None:
+                pending.append((self.pool.apply_async(_encode, ((texts, wrap, block_size),)),
+                                extra))
+            else:
+                pending.append((self.threads.submit(self.codec, texts, wrap, block_size),
+                                extra))
+            if len(pending) >= window:
+                yield self._result(pending.popleft())
+        while pending:
+            yield self._result(pending.popleft())
+
+    @staticmethod
+    def _result(item):
+        future, extra = item
+        return (future.get() if hasattr(future, "get") else future.result()), extra
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+        if self.threads is not None:
+            self.threads.shutdown()
+            self.threads = None
+            for key, value in self._env.items():  # an unset TOKENIZERS_PARALLELISM stays set
+                if value is not None:
+                    os.environ[key] = value
+                elif key == "RAYON_NUM_THREADS":
+                    os.environ.pop(key, None)
+        self.codec = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
