@@ -1,13 +1,15 @@
-"""``mdlm mode=sample_eval``: samples from a checkpoint, with generative perplexity.
+"""``mdlm mode=sample_eval``: samples from a checkpoint, with generative perplexity and MAUVE.
 
 Every rank draws ``sampling.num_sample_batches`` batches of ``loader.eval_batch_size``
-samples (``sampling.predictor``: ddpm, ddpm_cache, analytic, ddpm_fast; AR checkpoints
-sample autoregressively with a KV cache; ``sampling.semi_ar=True`` slides windows). Rank 0
+samples (``sampling.predictor``: any registered predictor, see ``sampling.PREDICTORS``; AR
+checkpoints sample autoregressively with a KV cache; ``sampling.semi_ar=True`` slides
+windows). The ``sampling.*`` values are checked before the checkpoint is read. Rank 0
 writes them as JSONL (``text``, ``token_ids``, ``nfe``, ``seconds``) to
 ``sampling.output_path`` (default ``<run dir>/samples.jsonl``) and a summary beside it
-(``samples_summary.json``: samples/s, tokens/s, mean NFE and, with
-``eval.compute_generative_perplexity=True``, ``gen_ppl``, ``entropy`` and the judge), which
-it also prints last.
+(``samples_summary.json``: samples/s, tokens/s, mean NFE, ``entropy`` and, with
+``eval.compute_generative_perplexity=True``, ``gen_ppl`` and the judge; with
+``eval.compute_mauve=True``, ``mauve`` against as many validation-split texts), which it
+also prints last.
 """
 
 from __future__ import annotations
@@ -18,26 +20,38 @@ from pathlib import Path
 
 import torch
 
-from evaluation import generative_perplexity, load_judge, unigram_entropy
+from evaluation import generative_perplexity, load_judge, mauve_score, unigram_entropy
 from pretrain import distributed as D
 from pretrain.data.shards import atomic_write_bytes
 from pretrain.evaluate import setup
-from sampling import ar_sample, sample, semi_ar_sample
+from sampling import Knobs, ar_sample, check_model, sample, semi_ar_sample
 
 
-def draw(model, cfg, batch_size: int, generator, bos_index: int):
-    s = cfg.sampling
+def knobs_of(cfg) -> Knobs:
+    """The sampler's knobs from ``sampling.*``, each value checked, and checked against the
+    run's model settings (so a bad value stops before any checkpoint is read)."""
+    knobs = Knobs.from_config(cfg.sampling)
+    check_model(knobs, str(cfg.parameterization), bool(cfg.time_conditioning),
+                str(cfg.noise.type), int(cfg.model.length))
+    return knobs
+
+
+def draw(model, cfg, batch_size: int, generator, bos_index: int, knobs: Knobs | None = None):
+    knobs = knobs or knobs_of(cfg)
     length = int(cfg.model.length)
-    gumbel = str(s.get("gumbel_dtype", "float64"))
     if model.parameterization == "ar":
-        return ar_sample(model, batch_size, length, bos_index, generator, gumbel)
-    kwargs = dict(steps=int(s.steps), predictor=str(s.predictor),
-                  noise_removal=bool(s.noise_removal), generator=generator,
-                  gumbel_dtype=gumbel)
-    if s.semi_ar:
-        return semi_ar_sample(model, batch_size, length, int(s.stride_length),
-                              int(s.num_strides), **kwargs)
-    return sample(model, batch_size, length, **kwargs)
+        return ar_sample(model, batch_size, length, bos_index, generator,
+                         knobs.gumbel_dtype, temperature=knobs.temperature, top_p=knobs.top_p)
+    if knobs.semi_ar:
+        return semi_ar_sample(model, batch_size, length, int(knobs.stride_length),
+                              int(knobs.num_strides), knobs=knobs, generator=generator)
+    return sample(model, batch_size, length, knobs, generator=generator)
+
+
+def decode(tokenizer, rows) -> list[str]:
+    """Texts as the judge reads them: tokenization spaces cleaned up, as the release's
+    transformers 4.38 did by default."""
+    return tokenizer.batch_decode(rows, clean_up_tokenization_spaces=True)
 
 
 _JUDGES: dict = {}
@@ -62,14 +76,37 @@ def score_samples(texts: list[str], token_ids: list[list[int]], cfg, device,
     if generative:
         name = str(cfg.eval.gen_ppl_eval_model_name_or_path)
         model, judge_tokenizer = judge(name, device)
+        # semi-AR samples are longer than model.length: each is scored over its full length
+        max_length = max([int(cfg.model.length)] + [len(ids) for ids in token_ids])
         try:
             result.update(generative_perplexity(
-                texts, model, judge_tokenizer, max_length=int(cfg.model.length), name=name,
+                texts, model, judge_tokenizer, max_length=max_length, name=name,
                 batch_size=int(cfg.eval.perplexity_batch_size)))
         finally:
             model.to("cpu")
     result["entropy"] = unigram_entropy(token_ids)
     return result
+
+
+def reference_texts(cfg, tokenizer, n: int) -> list[str]:
+    """The first ``n`` blocks of the validation split (``data.valid``), decoded as the
+    samples are, without their padding."""
+    from pretrain.data.datasets import open_split
+
+    dataset = open_split(cfg, "valid", tokenizer, progress=False)
+    rows = [dataset[i] for i in range(min(n, len(dataset)))]
+    ids = [r["input_ids"][r["attention_mask"].bool()].tolist() for r in rows]
+    return decode(tokenizer, ids)
+
+
+def score_mauve(texts: list[str], cfg, tokenizer, device) -> dict:
+    """MAUVE of the samples against as many validation texts, under the featurizer
+    ``eval.mauve_featurizer``."""
+    references = reference_texts(cfg, tokenizer, len(texts))
+    return mauve_score(texts, references, str(cfg.eval.get("mauve_featurizer", "gpt2-large")),
+                       device, max_length=int(cfg.eval.get("mauve_max_length", 1024)),
+                       batch_size=int(cfg.eval.perplexity_batch_size),
+                       scaling_factor=float(cfg.eval.get("mauve_scaling_factor", 5.0)))
 
 
 def cut_at_eos(ids: list[int], eos: int, after: int) -> list[int]:
@@ -81,6 +118,7 @@ def cut_at_eos(ids: list[int], eos: int, after: int) -> list[int]:
 
 
 def run(cfg):
+    knobs = knobs_of(cfg)
     device, tokenizer, model = setup(cfg)
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed) + 7919 * D.rank())
     batch_size = int(cfg.loader.eval_batch_size)
@@ -88,16 +126,17 @@ def run(cfg):
     started = time.perf_counter()
     from tqdm import tqdm
 
-    for _ in tqdm(range(int(cfg.sampling.num_sample_batches)), desc="sampling", unit="batch",
+    for _ in tqdm(range(knobs.num_sample_batches), desc="sampling", unit="batch",
                   disable=D.rank() != 0):
         t0 = time.perf_counter()
-        tokens, nfe = draw(model, cfg, batch_size, generator, tokenizer.bos_token_id)
+        tokens, nfe = draw(model, cfg, batch_size, generator, tokenizer.bos_token_id, knobs)
         seconds = (time.perf_counter() - t0) / batch_size
-        for row in tokens.tolist():
-            if cfg.sampling.get("stop_at_eos", False):
-                row = cut_at_eos(row, tokenizer.eos_token_id, int(cfg.model.length))
-            records.append({"text": tokenizer.decode(row), "token_ids": row, "nfe": nfe,
-                            "seconds": seconds})
+        rows = tokens.tolist()
+        if cfg.sampling.get("stop_at_eos", False):
+            rows = [cut_at_eos(row, tokenizer.eos_token_id, int(cfg.model.length))
+                    for row in rows]
+        records += [{"text": text, "token_ids": row, "nfe": nfe, "seconds": seconds}
+                    for text, row in zip(decode(tokenizer, rows), rows)]
     elapsed = time.perf_counter() - started
     records = D.gather_lists(records)
     if D.rank() == 0:
@@ -106,16 +145,21 @@ def run(cfg):
         atomic_write_bytes(out, "".join(json.dumps(r) + "\n" for r in records).encode())
         tokens_total = sum(len(r["token_ids"]) for r in records)
         summary = {
-            "samples": len(records), "predictor": str(cfg.sampling.predictor)
-            if model.parameterization != "ar" else "ar", "steps": int(cfg.sampling.steps),
+            "samples": len(records), "predictor": knobs.predictor
+            if model.parameterization != "ar" else "ar", "steps": knobs.steps,
+            "top_p": knobs.top_p, "temperature": knobs.temperature,
             "samples_per_s": len(records) / elapsed,
             "tokens_per_s": tokens_total / elapsed,
-            "mean_nfe": sum(r["nfe"] for r in records) / len(records),
+            "mean_nfe": sum(r["nfe"] for r in records) / max(len(records), 1),
             "checkpoint": str(cfg.eval.checkpoint_path), "samples_path": str(out),
         }
-        if cfg.eval.compute_generative_perplexity:
-            summary.update(score_samples([r["text"] for r in records],
-                                         [r["token_ids"] for r in records], cfg, device))
+        texts = [r["text"] for r in records]
+        if records:
+            summary.update(score_samples(
+                texts, [r["token_ids"] for r in records], cfg, device,
+                generative=bool(cfg.eval.compute_generative_perplexity)))
+        if records and cfg.eval.get("compute_mauve", False):
+            summary.update(score_mauve(texts, cfg, tokenizer, device))
         atomic_write_bytes(out.with_name(out.stem + "_summary.json"),
                            (json.dumps(summary, indent=1) + "\n").encode())
         for r in records[: int(cfg.sampling.get("num_sample_log", 2))]:

@@ -80,28 +80,14 @@ def wants_samples(cfg) -> bool:
 
 
 def check_sampling(cfg) -> None:
-    """The sampler settings of validation, checked before training starts rather than at
-    the first validation."""
-    from pretrain.ds_config import RunConfigError
-    from sampling.diffusion import PREDICTORS
-
-    if not wants_samples(cfg) or cfg.parameterization == "ar":
+    """The sampler settings of validation (every ``sampling.*`` value, and the predictor
+    against the model's settings), checked before training starts rather than at the first
+    validation."""
+    if not bool(cfg.eval.get("generate_samples", False)):
         return
-    s = cfg.sampling
-    predictor = str(s.predictor)
-    fix = "set another sampling.predictor, or eval.generate_samples=False"
-    if predictor not in PREDICTORS:
-        raise RunConfigError(f"sampling.predictor={predictor} is not one of "
-                             f"{list(PREDICTORS)}.")
-    if predictor == "ddpm_fast" and cfg.parameterization != "subs":
-        raise RunConfigError(f"sampling.predictor=ddpm_fast samples SUBS models, not "
-                             f"parameterization={cfg.parameterization}; {fix}.")
-    if predictor in ("ddpm_cache", "ddpm_fast") and cfg.noise.type != "loglinear":
-        raise RunConfigError(f"sampling.predictor={predictor} needs noise=loglinear, not "
-                             f"noise={cfg.noise.type}; {fix}.")
-    if s.semi_ar and not 0 < int(s.stride_length) < int(cfg.model.length):
-        raise RunConfigError(f"sampling.stride_length={s.stride_length} must lie in (0, "
-                             f"model.length={cfg.model.length}) for sampling.semi_ar=True.")
+    from pretrain.sample import knobs_of
+
+    knobs_of(cfg)
 
 
 def whole_model(engine, model, device):
@@ -127,22 +113,23 @@ def whole_model(engine, model, device):
 def samples(engine, model, cfg, tokenizer, device, step: int, run_dir: Path | None,
             metrics) -> dict:
     from pretrain.data.shards import atomic_write_bytes
-    from pretrain.sample import draw, score_samples
+    from pretrain.sample import decode, draw, knobs_of, score_samples
 
+    knobs = knobs_of(cfg)
     sampler = whole_model(engine, model, device)
     generator = torch.Generator(device=device).manual_seed(
         int(cfg.seed) + 7919 * D.rank() + 104_729 * step)
     rows, nfes = [], []
-    for _ in range(int(cfg.sampling.num_sample_batches)):
+    for _ in range(knobs.num_sample_batches):
         tokens, nfe = draw(sampler, cfg, int(cfg.loader.eval_batch_size), generator,
-                           tokenizer.bos_token_id)
+                           tokenizer.bos_token_id, knobs)
         rows += tokens.tolist()
         nfes.append(nfe)
     del sampler
     rows = D.gather_lists(rows)
     result = {}
     if D.rank() == 0:
-        texts = tokenizer.batch_decode(rows)
+        texts = decode(tokenizer, rows)
         if run_dir is not None:
             atomic_write_bytes(Path(run_dir) / "samples" / f"step_{step:08d}.jsonl", "".join(
                 json.dumps({"text": t, "token_ids": r}) + "\n"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from sampling.categorical import DTYPES
+from sampling.warp import warp
 
 
 def gumbel_noise(shape, generator, device, gumbel_dtype: str = "float64") -> torch.Tensor:
@@ -22,7 +23,8 @@ def gumbel_noise(shape, generator, device, gumbel_dtype: str = "float64") -> tor
 
 @torch.no_grad()
 def ar_sample(model, batch_size: int, length: int, bos_index: int, generator=None,
-              gumbel_dtype: str = "float64", use_cache: bool = True, noise=None):
+              gumbel_dtype: str = "float64", use_cache: bool = True, noise=None,
+              temperature: float = 1.0, top_p: float = 1.0):
     """Returns (tokens of shape (batch, length), NFE). ``use_cache=False`` recomputes the
     whole prefix at every step (the release's way; the same tokens under the same noise).
     ``noise`` (batch, length - 1, vocab), when given, replaces the per-step draws."""
@@ -37,5 +39,7 @@ def ar_sample(model, batch_size: int, length: int, bos_index: int, generator=Non
             logp = backbone(x[:, : i + 1])[:, -1]
         step_noise = noise[:, i] if noise is not None else gumbel_noise(
             (batch_size, model.vocab_size), generator, device, gumbel_dtype)
+        if temperature != 1 or top_p != 1:
+            logp = warp(logp.double().exp(), temperature, top_p).log()
         x[:, i + 1] = (logp.to(step_noise.dtype) + step_noise).argmax(-1)
     return x, length - 1

@@ -16,32 +16,34 @@ from __future__ import annotations
 import torch
 
 from model.objectives import NEG_INFINITY
-from sampling.categorical import sample_categorical
+from sampling.registry import State, register
+from sampling.warp import warp_probs
 
 
-def fast_sample(net, model, x, steps: int, eps: float, generator, gumbel_dtype: str):
-    if model.parameterization != "subs":
-        raise ValueError("sampling.predictor=ddpm_fast samples SUBS models (parameterization=subs"
-                         f"), not {model.parameterization}; use ddpm_cache or analytic.")
-    if model.config.time_conditioning:
-        raise ValueError("sampling.predictor=ddpm_fast needs a model without time "
-                         "conditioning (its prediction must not depend on t); use ddpm_cache.")
-    device = x.device
-    masked = x == model.mask_index
+def token_probs(state: State, rows, cols) -> torch.Tensor:
+    """p_theta(x0 | x) at the positions (rows, cols) only, after temperature and nucleus;
+    one network call that projects just those positions onto the vocabulary."""
+    model = state.model
+    state.net.nfe += 1
+    sigma = torch.zeros(state.x.shape[0], device=state.x.device)
+    logits = model.backbone(state.x, sigma, positions=(rows, cols)).float()
+    logits[:, model.mask_index] += NEG_INFINITY  # SUBS: never [MASK]
+    probs = logits.softmax(-1)
+    return warp_probs(probs, state.knobs) if state.knobs.warps else probs
+
+
+@register("ddpm_fast", parameterizations=("subs",), needs_loglinear=True,
+          needs_time_free=True, always_denoise=False)
+def fast_sample(state: State) -> None:
+    x, steps, eps = state.x, int(state.knobs.steps), state.knobs.eps
+    masked = x == state.mask_index
     # step at which each position unmasks: 0..steps-1 with probability dt = (1 - eps)/steps
     # each, or `steps` (never; left to noise removal) with probability eps
-    u = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
+    u = torch.rand(x.shape, generator=state.generator, device=x.device, dtype=torch.float64)
     when = torch.floor(u * steps / (1 - eps)).long().clamp_(max=steps)
     when[~masked] = -1
-    sigma = torch.zeros(x.shape[0], device=device)
     for rows, cols in _positions_by_step(when, steps):
-        # one network call; only the unmasking positions are projected onto the vocabulary
-        net.nfe += 1
-        logits = model.backbone(x, sigma, positions=(rows, cols)).float()
-        logits[:, model.mask_index] += NEG_INFINITY  # SUBS: never [MASK]
-        probs = logits.softmax(-1)
-        x[rows, cols] = sample_categorical(probs, generator, gumbel_dtype)
-    return x
+        x[rows, cols] = state.draw(token_probs(state, rows, cols))
 
 
 def _positions_by_step(when: torch.Tensor, steps: int):

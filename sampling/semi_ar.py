@@ -3,7 +3,7 @@
 The first window is sampled from scratch. Each of the ``num_strides`` next windows keeps the
 last ``length - stride_length`` tokens of the previous one as a clean prefix and samples
 ``stride_length`` new tokens after it, giving ``length + num_strides * stride_length``
-tokens in all.
+tokens in all. Any registered predictor samples the windows.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from sampling.diffusion import sample
+from sampling.knobs import SamplingError
 
 
 @torch.no_grad()
@@ -18,8 +19,8 @@ def semi_ar_sample(model, batch_size: int, length: int, stride_length: int, num_
                    **kwargs):
     """Returns (tokens of shape (batch, length + num_strides * stride_length), NFE)."""
     if not 0 < stride_length < length:
-        raise ValueError(f"sampling.stride_length={stride_length} must lie in (0, "
-                         f"model.length={length}).")
+        raise SamplingError(f"sampling.stride_length={stride_length} must lie in (0, "
+                            f"model.length={length}) for sampling.semi_ar=True.")
     window, nfe = sample(model, batch_size, length, **kwargs)
     pieces = [window]
     for _ in range(num_strides):
