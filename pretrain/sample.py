@@ -48,10 +48,23 @@ def draw(model, cfg, batch_size: int, generator, bos_index: int, knobs: Knobs | 
     return sample(model, batch_size, length, knobs, generator=generator)
 
 
+# transformers 4.38's clean_up_tokenization, which its decode applied by default (later
+# versions skip it for BPE tokenizers such as GPT-2's, whatever the argument)
+CLEAN_UPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+             (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def clean_up_spaces(text: str) -> str:
+    for old, new in CLEAN_UPS:
+        text = text.replace(old, new)
+    return text
+
+
 def decode(tokenizer, rows) -> list[str]:
     """Texts as the judge reads them: tokenization spaces cleaned up, as the release's
-    transformers 4.38 did by default."""
-    return tokenizer.batch_decode(rows, clean_up_tokenization_spaces=True)
+    transformers 4.38 decoded by default (so gen-ppl is comparable with its numbers)."""
+    return [clean_up_spaces(text) for text in
+            tokenizer.batch_decode(rows, clean_up_tokenization_spaces=False)]
 
 
 _JUDGES: dict = {}
