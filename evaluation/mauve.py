@@ -3,7 +3,8 @@
 
 Features are those ``mauve-text`` computes itself: the featurizer's last hidden state at
 each text's last token (texts tokenized by the featurizer's tokenizer and truncated to
-``max_length``), here batched with right padding, which a causal featurizer cannot see.
+``max_length`` and to the featurizer's context), here batched with right padding, which a
+causal featurizer cannot see.
 The MAUVE paper uses ``gpt2-large``; any Hugging Face model directory or hub name that
 ``AutoModel`` opens works (tests use a tiny local GPT-2).
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from evaluation.genppl import judge_context
 
 _FEATURIZERS: dict = {}
 
@@ -33,6 +36,7 @@ def features(texts: list[str], model, tokenizer, max_length: int = 1024,
              batch_size: int = 8) -> np.ndarray:
     """(len(texts), hidden) float32 features: the last layer at each text's last token."""
     device = next(model.parameters()).device
+    max_length = min(max_length, judge_context(model))  # never past the featurizer's context
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"

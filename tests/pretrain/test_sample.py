@@ -39,13 +39,17 @@ def test_diffusion_samples_with_generative_perplexity(tmp_path, exported):  # no
     records, summary = sample_eval(
         tmp_path / "run", f"eval.checkpoint_path={exported['mdlm']}",
         "sampling.predictor=ddpm_fast", "eval.compute_generative_perplexity=True",
-        f"eval.gen_ppl_eval_model_name_or_path={judge}")
+        f"eval.gen_ppl_eval_model_name_or_path={judge}", "eval.compute_mauve=True",
+        f"eval.mauve_featurizer={judge}", "sampling.top_p=0.9")
     assert len(records) == 4 and summary["samples"] == 4
     for r in records:
         assert set(r) == {"text", "token_ids", "nfe", "seconds"} and len(r["token_ids"]) == 64
         assert 4096 not in r["token_ids"]  # nothing left masked
     assert 0 < summary["mean_nfe"] <= 17 and summary["samples_per_s"] > 0
     assert summary["gen_ppl"] > 1 and summary["entropy"] > 0 and summary["judge"] == str(judge)
+    # MAUVE beside them, against as many validation texts, under the chosen featurizer
+    assert 0 < summary["mauve"] <= 1 and summary["mauve_references"] == 4
+    assert summary["mauve_featurizer"] == str(judge) and summary["top_p"] == 0.9
 
 
 def test_ar_and_semi_ar(tmp_path, exported):  # noqa: F811
@@ -57,3 +61,9 @@ def test_ar_and_semi_ar(tmp_path, exported):  # noqa: F811
                              "sampling.semi_ar=True", "sampling.stride_length=16",
                              "sampling.num_strides=2")
     assert all(len(r["token_ids"]) == 64 + 2 * 16 for r in records)
+    # a predictor added since the release, semi-AR, from the command line
+    records, summary = sample_eval(tmp_path / "remdm", f"eval.checkpoint_path={exported['mdlm']}",
+                                   "sampling.semi_ar=True", "sampling.stride_length=16",
+                                   "sampling.num_strides=1", "sampling.predictor=remdm-loop")
+    assert all(len(r["token_ids"]) == 64 + 16 and 4096 not in r["token_ids"] for r in records)
+    assert summary["predictor"] == "remdm-loop"
