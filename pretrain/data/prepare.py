@@ -50,7 +50,7 @@ class BuildSpec:
     streaming: bool = False
     docs_per_shard: int = 50_000
     num_proc: int = 1
-    batch_docs: int = 1_000
+    batch_docs: int = 256  # documents per tokenizing job: bounds the memory in flight
     wrap_group_docs: int = 1_000  # 0: the whole split is one group
     wrap_group_procs: int = 1
 
@@ -201,6 +201,9 @@ def build(spec: BuildSpec, tokenizer, progress: bool = True, stop_after=None,
     finally:
         bar.close()
 
+    if state["docs_done"] == 0:
+        raise DataError(f"{spec.dataset} ({spec.split}) holds no documents; point data.train "
+                        "/ data.valid at a file or dataset with text in it.")
     if not state["shards"]:
         raise DataError(
             f"{spec.dataset} ({spec.split}) gave no complete block of {spec.block_size} "

@@ -271,7 +271,7 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {number} is not valid JSON ({err.msg} at column "
+                raise DataError(f"{path} line {number} is not valid JSON ({err.msg}, column "
                                 f"{err.colno}); fix or remove that line (one JSON object "
                                 'with a "text" field per line).') from None
             yield _text_field(row, path, f"line {number}")
@@ -286,7 +286,7 @@ def _json_array_texts(path: Path) -> Iterator[str]:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path} line {err.lineno} is not valid JSON ({err.msg} at column "
+        raise DataError(f"{path} line {err.lineno} is not valid JSON ({err.msg}, column "
                         f"{err.colno}); fix the file (a JSON array of objects with a "
                         '"text" field).') from None
     for i, row in enumerate(rows):

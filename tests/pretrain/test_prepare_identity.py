@@ -1,0 +1,131 @@
+"""Shards are byte-identical to those of the straightforward path (``tokenizer(texts)`` per
+document, the release's wrap groups, one shard per ``docs_per_shard`` documents), whichever
+way the tokenizing runs, and the build streams its source."""
+
+import hashlib
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from pretrain.data import shards as fmt
+from pretrain.data.encode import Encoder
+from pretrain.data.prepare import BuildSpec, build
+from pretrain.data.tokenizers import get_tokenizer
+from tests.pretrain.data_helpers import corpus, word_tokenizer, write_gpt2_style
+
+L = 16
+
+
+def documents():
+    from pydoc_data.topics import topics
+
+    texts = [topics[k].strip()[:400] for k in sorted(topics)[:30]]
+    odd = ["", "héllo wörld — ünïcode ✓ 日本語", "  leading and trailing  ", "x", "a\n\nb"]
+    return list(itertools.chain(*zip(texts, itertools.cycle(odd))))
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("bpe")
+    return get_tokenizer(str(write_gpt2_style(directory, documents(), 300)))
+
+
+def reference(docs, tok, wrap, docs_per_shard, group_docs, procs):
+    """Expected shard bytes, computed document by document."""
+    dtype = fmt.token_dtype(len(tok))
+    if not wrap:
+        rows = [tok(d, max_length=L, padding="max_length", truncation=True)["input_ids"]
+                for d in docs]
+        return [np.asarray(rows[i:i + docs_per_shard], dtype=dtype).tobytes()
+                for i in range(0, len(docs), docs_per_shard)]
+    bos, eos = tok.encode(tok.bos_token)[0], tok.encode(tok.eos_token)[0]
+    div, mod = divmod(len(docs), procs)
+    starts = [div * k + min(k, mod) for k in range(procs)] + [len(docs)]
+    per_shard = {}
+    for lo, hi in zip(starts, starts[1:]):
+        for g in range(lo, hi, group_docs):
+            tokens, owner = [], []  # each token and the document it came from
+            for i in range(g, min(g + group_docs, hi)):
+                ids = tok(docs[i], add_special_tokens=False)["input_ids"] + [eos]
+                tokens += ids
+                owner += [i] * len(ids)
+            body = L - 2
+            for s in range(0, len(tokens) // body * body, body):
+                # a block lands in the shard of the document that completes it
+                per_shard.setdefault(owner[s + body - 1] // docs_per_shard, []).append(
+                    [bos] + tokens[s:s + body] + [eos])
+    return [np.asarray(per_shard[k], dtype=dtype).tobytes() for k in sorted(per_shard)]
+
+
+def built(directory):
+    meta = fmt.read_meta(directory)
+    for shard in meta["shards"]:
+        data = (directory / shard["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == shard["sha256"]
+    return [(directory / s["file"]).read_bytes() for s in meta["shards"]], meta
+
+
+@pytest.mark.parametrize("strategy", ["threads", "processes", "both"])
+def test_wrap_shards_equal_the_reference(tmp_path, bpe, strategy):
+    docs = documents()
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs))
+    expected = reference(docs, bpe, True, docs_per_shard=13, group_docs=7, procs=2)
+    spec = BuildSpec(str(data), "train", "bpe", L, True, str(tmp_path / "c"),
+                     docs_per_shard=13, batch_docs=3, wrap_group_docs=7, wrap_group_procs=2)
+    with Encoder(bpe, 2, strategy) as encoder:
+        assert encoder.strategy == strategy
+        got, meta = built(build(spec, bpe, progress=False, encoder=encoder))
+    assert got == expected and len(got) > 3
+    assert meta["num_sequences"] * L * 2 == sum(map(len, expected))
+
+
+@pytest.mark.parametrize("strategy", ["threads", "processes"])
+def test_pad_shards_equal_the_reference(tmp_path, strategy):
+    tok = word_tokenizer("bert")
+    docs = corpus(50, seed=4, max_words=25) + [""]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    spec = BuildSpec(str(data), "train", "words", L, False, str(tmp_path / "c"),
+                     docs_per_shard=20, batch_docs=6)
+    with Encoder(tok, 2, strategy) as encoder:
+        directory = build(spec, tok, progress=False, encoder=encoder)
+    got, meta = built(directory)
+    assert got == reference(docs, tok, False, 20, 0, 1)
+    lengths = np.concatenate([np.fromfile(directory / s["lengths"], dtype=np.uint32)
+                              for s in meta["shards"]])
+    assert lengths.tolist() == [sum(tok(d, max_length=L, truncation=True)["attention_mask"])
+                                for d in docs]
+
+
+def test_one_encoder_serves_every_split_and_starts_once(tmp_path, bpe):
+    docs = documents()
+    paths = []
+    for name, part in (("a", docs[:40]), ("b", docs[40:])):
+        paths.append(tmp_path / f"{name}.jsonl")
+        paths[-1].write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    with Encoder(bpe, 2, "processes") as encoder:
+        for path in paths:
+            build(BuildSpec(str(path), "train", "bpe", L, True, str(tmp_path / "c")), bpe,
+                  progress=False, encoder=encoder)
+            if path == paths[0]:
+                pool = encoder.pool
+                pids = sorted(p.pid for p in pool._pool)
+        assert encoder.pool is pool and sorted(p.pid for p in pool._pool) == pids
+
+
+def test_the_build_streams_its_source(tmp_path):
+    """The first shard is written before the rest of the file is read: a malformed line
+    after it does not stop a build told to stop after one shard."""
+    tok = word_tokenizer("gpt2")
+    docs = corpus(30, seed=5)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs) + "{not json\n")
+    spec = BuildSpec(str(data), "train", "words", 8, True, str(tmp_path / "c"),
+                     docs_per_shard=10, batch_docs=4)
+    directory = build(spec, tok, progress=False, stop_after=2)
+    assert json.loads((directory / "progress.json").read_text())["docs_done"] == 20
+    with pytest.raises(fmt.UserError, match="line 31"):
+        build(spec, tok, progress=False)
