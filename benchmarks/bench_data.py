@@ -13,6 +13,9 @@ Runs alternate (release, prepare, release, ...); each is timed from start to exi
 included. Peak memory is the largest sum of the resident sizes of the run's processes
 (sampled every 20 ms), and the largest single process's (from the kernel's rusage).
 `--strategies` also times prepare's three ways to tokenize (threads, processes, both).
+Per-core throughput: the training split's build time that prepare reports, with one process;
+with the bound that the building process's own Python work sets, it projects the time to
+prepare OpenWebText on 32 cores.
 Prints a readable table and one JSON line; saves the line under benchmarks/results/.
 
     python benchmarks/bench_data.py --procs 2 --repeats 3 --strategies
@@ -33,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 END_OF_TEXT = "<|endoftext|>"
+OWT_TOKENS = 9e9  # OpenWebText in GPT-2 tokens
 
 
 # ----------------------------------------------------------------------------- the corpus
@@ -195,6 +199,25 @@ def same_blocks(prepare_out: str, release_out: str) -> tuple[int, bool]:
                                                                   theirs["input_ids"])
 
 
+def serial_tokens_per_s(train: Path, tok_dir: Path) -> float:
+    """Tokens/s of the Python work the building process does per token when the tokenizer's
+    own threads encode (reading the documents, ids into numpy): a bound on that strategy's
+    throughput whatever the number of cores."""
+    from pretrain.data.encode import flatten, rust_backend
+    from pretrain.data.sources import LocalCorpus
+    from pretrain.data.tokenizers import get_tokenizer
+
+    tokenizer = get_tokenizer(str(tok_dir))
+    started = time.perf_counter()
+    docs = list(LocalCorpus(train).texts())
+    seconds = time.perf_counter() - started
+    encodings = rust_backend(tokenizer).encode_batch(docs, add_special_tokens=False)
+    started, tokens = time.perf_counter(), 0
+    for i in range(0, len(encodings), 256):
+        tokens += len(flatten([e.ids for e in encodings[i:i + 256]], 0)[0])
+    return tokens / (seconds + time.perf_counter() - started)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--procs", type=int, default=2)
@@ -214,20 +237,26 @@ def main():
         tmp = Path(tmp)
         train, valid, tok_dir = make_corpus(tmp / "corpus", args.copies)
         common = (train, valid, tok_dir)
-        runs = {"release": [], "prepare": []}
+        # release and prepare as compared, and prepare with one process (per-core throughput)
+        runs = {"release": [], "prepare": [], "prepare_1": []}
         if args.strategies:
             runs |= {s: [] for s in ("threads", "processes", "both")}
         for r in range(args.repeats):
             for name in runs:
                 out = tmp / f"{name}-{r}"
-                cmd = (release_cmd(*common, out, args.procs, args.length) if name == "release"
-                       else prepare_cmd(*common, out, args.procs, args.length,
-                                        None if name == "prepare" else name))
+                if name == "release":
+                    cmd = release_cmd(*common, out, args.procs, args.length)
+                elif name == "prepare_1":
+                    cmd = prepare_cmd(*common, out, 1, args.length)
+                else:
+                    cmd = prepare_cmd(*common, out, args.procs, args.length,
+                                      None if name == "prepare" else name)
                 runs[name].append(timed(cmd, env) | {"out": str(out)})
                 print(f"{name:>9} run {r}: {runs[name][-1]['seconds']:6.2f} s, peak "
                       f"{runs[name][-1]['peak_rss_mb']:7.0f} MiB", flush=True)
         blocks, identical = same_blocks(runs["prepare"][-1]["stdout"],
                                         runs["release"][-1]["out"])
+        serial = serial_tokens_per_s(train, tok_dir)
 
     tokens = blocks * args.length
     median = {k: {key: statistics.median(run[key] for run in v)
@@ -247,6 +276,18 @@ def main():
         "prepare_max_process_rss_mb": median["prepare"]["max_process_rss_mb"],
         "seconds": {k: [round(run["seconds"], 3) for run in v] for k, v in runs.items()},
     }
+    build = {k: statistics.median(json.loads(run["stdout"].strip().splitlines()[-1])["train"][
+        "seconds"] for run in runs[k]) for k in ("prepare", "prepare_1")}
+    per_core = tokens / build["prepare_1"]
+    building = tokens / build["prepare"]
+    result |= {
+        "per_core_tokens_per_s": per_core,
+        "building_tokens_per_s": building,
+        "scaling_efficiency": building / (args.procs * per_core),
+        "serial_bound_tokens_per_s": serial,
+        "owt_32_cores_hours_linear": OWT_TOKENS / (32 * per_core) / 3600,
+        "owt_32_cores_hours_bounded": OWT_TOKENS / min(32 * per_core, serial) / 3600,
+    }
     if args.strategies:
         result["strategy_tokens_per_s"] = {s: tokens / median[s]["seconds"]
                                            for s in ("threads", "processes", "both")}
@@ -255,6 +296,14 @@ def main():
         print(f"{name:>9} {tokens / median[name]['seconds']:>12,.0f} "
               f"{median[name]['peak_rss_mb']:>9.0f}")
     print(f"prepare / release: {result['ratio']:.2f}x tokens/s; blocks identical: {identical}")
+    print(f"building the training split (as prepare reports it), 1 process: {per_core:,.0f} "
+          "tokens/s;"
+          f" {args.procs} processes: {building:,.0f} tokens/s "
+          f"({result['scaling_efficiency']:.0%} of linear); the building process's Python "
+          f"work bounds the threads at {serial:,.0f} tokens/s")
+    print(f"OpenWebText ({OWT_TOKENS / 1e9:.0f}B tokens) on 32 cores: "
+          f"{result['owt_32_cores_hours_linear']:.2f} h at linear scaling, "
+          f"{result['owt_32_cores_hours_bounded']:.2f} h under that bound")
     line = json.dumps(result)
     print(line)
     RESULTS.mkdir(parents=True, exist_ok=True)

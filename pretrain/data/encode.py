@@ -1,12 +1,12 @@
 """Documents -> token ids, in parallel where the parallelism is cheapest.
 
 A fast (Rust) tokenizer encodes a batch of documents on ``num_proc`` threads of its own
-(``encode_batch``: no Python work per token, ids straight into numpy) inside the building
-process, so no text or token is ever pickled between processes; a tokenizer written in
-Python (text8, sentencepiece) is run in ``num_proc`` spawned worker processes instead.
-``benchmarks/bench_data.py --strategies`` measures the three choices (threads, processes,
-both) against each other. One ``Encoder`` serves every split of a build and starts its
-workers once, on first use.
+(``encode_batch``) inside the building process, so no text or token is pickled between
+processes ("threads"); beyond ``THREADS_PER_WORKER`` cores, worker processes of that many
+threads each ("both"); a tokenizer written in Python (text8, sentencepiece) runs in
+``num_proc`` spawned single-threaded worker processes ("processes").
+``benchmarks/bench_data.py --strategies`` measures the three against each other. One
+``Encoder`` serves every split of a build and starts its workers once, on first use.
 
 Wrap mode gives each batch's ids followed by EOS, flattened, with per-document counts; pad
 mode gives rows of ``block_size`` ids (special tokens added, truncated and padded) and the
@@ -22,6 +22,7 @@ from collections import deque
 import numpy as np
 
 STRATEGIES = ("auto", "threads", "processes", "both")
+THREADS_PER_WORKER = 8  # "both": worker processes of this many Rust threads each
 
 
 def framing_ids(tokenizer) -> tuple[int, int]:
@@ -63,16 +64,21 @@ class _Codec:
                 ids = self.tokenizer(texts, add_special_tokens=False,
                                      return_attention_mask=False,
                                      return_token_type_ids=False)["input_ids"]
-            lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-            flat = np.fromiter(itertools.chain.from_iterable(x + [self.eos] for x in ids),
-                               dtype=np.int64, count=int(lengths.sum()))
-            return flat, lengths
+            return flatten(ids, self.eos)
         enc = self.tokenizer(texts, max_length=block_size, padding="max_length",
                              truncation=True, add_special_tokens=True,
                              return_attention_mask=True, return_token_type_ids=False)
         rows = np.asarray(enc["input_ids"], dtype=np.int64).reshape(len(texts), block_size)
         lengths = np.asarray(enc["attention_mask"], dtype=np.int64).sum(-1)
         return rows, lengths
+
+
+def flatten(ids: list[list[int]], eos: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each document's ids followed by EOS, as one array, and the per-document counts."""
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(x + [eos] for x in ids),
+                       dtype=np.int64, count=int(lengths.sum()))
+    return flat, lengths
 
 
 _CODEC = None
@@ -89,15 +95,21 @@ def _encode(job):
     return _CODEC(*job)
 
 
-def choose(tokenizer, strategy: str = "auto") -> str:
-    """``auto``: threads for a fast tokenizer (the fastest measured), else processes."""
+def choose(tokenizer, strategy: str = "auto", num_proc: int = 1) -> str:
+    """``auto``: a fast tokenizer's own threads (the fastest measured, on 2 cores) up to
+    ``THREADS_PER_WORKER`` cores; beyond, worker processes of that many threads each, since
+    the building process's own Python work per token (reading, ids into numpy) bounds
+    what one process's threads can reach (``benchmarks/bench_data.py`` measures that bound).
+    A Python tokenizer (text8, sentencepiece) runs in worker processes."""
     if strategy not in STRATEGIES:
         from pretrain.data.sources import DataError
 
         raise DataError(f"shards.tokenize={strategy!r} is not one of {STRATEGIES}; "
                         "use one of them (auto picks the fastest).")
     if strategy == "auto":
-        return "threads" if getattr(tokenizer, "is_fast", False) else "processes"
+        if not getattr(tokenizer, "is_fast", False):
+            return "processes"
+        return "threads" if num_proc <= THREADS_PER_WORKER else "both"
     return strategy
 
 
@@ -108,7 +120,7 @@ class Encoder:
     def __init__(self, tokenizer, num_proc: int = 1, strategy: str = "auto"):
         self.tokenizer = tokenizer
         self.num_proc = max(1, int(num_proc))
-        self.strategy = choose(tokenizer, strategy)
+        self.strategy = choose(tokenizer, strategy, self.num_proc)
         self.pool = None
         self.codec = None
         self.threads = None
@@ -117,7 +129,7 @@ class Encoder:
         if self.strategy == "processes" and self.num_proc > 1:
             self._start_pool(self.num_proc, 1)
         elif self.strategy == "both" and self.num_proc > 1:
-            procs = max(1, self.num_proc // 2)
+            procs = max(1, self.num_proc // THREADS_PER_WORKER)
             self._start_pool(procs, self.num_proc // procs)
         else:  # threads in this process (a single core for "processes" at num_proc=1)
             threads = self.num_proc if self.strategy != "processes" else 1
@@ -140,13 +152,14 @@ class Encoder:
         ctx = multiprocessing.get_context("spawn")
         self.pool = ctx.Pool(procs, initializer=_init_worker,
                              initargs=(self.tokenizer, threads))
+        self.procs = procs
 
     def map(self, jobs, window: int | None = None):
         """Yields ``(result, extra)`` for each ``(texts, wrap, block_size, extra)`` of
         ``jobs``, in order."""
         if self.pool is None and self.codec is None:
             self._start()
-        window = window or (2 * self.num_proc if self.pool is not None else 2)
+        window = window or (2 * self.procs if self.pool is not None else 2)
         pending = deque()
         for texts, wrap, block_size, extra in jobs:
             if self.pool is not None:

@@ -306,10 +306,12 @@ def _main(cfg) -> None:
     with Encoder(tokenizer, specs["train"].num_proc,
                  str(cfg.get("shards", {}).get("tokenize", "auto"))) as encoder:
         for kind, spec in specs.items():  # one set of workers for every split
+            started = time.perf_counter()
             directory = ensure_shards(spec, tokenizer, encoder=encoder)
             meta = fmt.read_meta(directory)
             summary[kind] = {"directory": str(directory), "sequences": meta["num_sequences"],
-                             "tokens": meta["num_tokens"], "documents": meta["num_documents"]}
+                             "tokens": meta["num_tokens"], "documents": meta["num_documents"],
+                             "seconds": round(time.perf_counter() - started, 3)}
     print(json.dumps(summary))
 
 

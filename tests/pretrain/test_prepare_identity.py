@@ -129,3 +129,14 @@ def test_the_build_streams_its_source(tmp_path):
     assert json.loads((directory / "progress.json").read_text())["docs_done"] == 20
     with pytest.raises(fmt.UserError, match="line 31"):
         build(spec, tok, progress=False)
+
+
+def test_auto_picks_the_tokenizers_threads_then_workers_of_threads(bpe):
+    from pretrain.data.encode import THREADS_PER_WORKER, choose
+    from pretrain.data.tokenizers import Text8Tokenizer
+
+    assert choose(bpe, "auto", 2) == "threads"
+    assert choose(bpe, "auto", THREADS_PER_WORKER + 1) == "both"
+    assert choose(Text8Tokenizer(), "auto", 2) == "processes"
+    with pytest.raises(fmt.UserError, match="shards.tokenize='fast'"):
+        choose(bpe, "fast")
