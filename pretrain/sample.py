@@ -130,8 +130,30 @@ def cut_at_eos(ids: list[int], eos: int, after: int) -> list[int]:
     return ids
 
 
+def check_mauve(cfg) -> None:
+    """The MAUVE settings, checked before anything is loaded."""
+    from model.errors import UserError
+
+    e = cfg.eval
+    if not e.get("compute_mauve", False):
+        return
+    if not str(e.get("mauve_featurizer") or ""):
+        raise UserError("eval.compute_mauve=True needs eval.mauve_featurizer, a model name "
+                        "or directory such as gpt2-large.")
+    for key, low in (("mauve_max_length", 1), ("mauve_scaling_factor", 0)):
+        value = e.get(key)
+        try:
+            ok = float(value) > low if low == 0 else int(value) >= low
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise UserError(f"eval.{key}={value} must be {'positive' if low == 0 else 'at least 1'}"
+                            f"; the defaults are 1024 tokens and a factor of 5.")
+
+
 def run(cfg):
     knobs = knobs_of(cfg)
+    check_mauve(cfg)
     device, tokenizer, model = setup(cfg)
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed) + 7919 * D.rank())
     batch_size = int(cfg.loader.eval_batch_size)

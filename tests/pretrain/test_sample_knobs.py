@@ -62,3 +62,21 @@ def test_texts_are_decoded_with_clean_tokenization_spaces(tmp_path):
     ids = tok("hello , world . the fox 's", add_special_tokens=False)["input_ids"]
     assert S.decode(tok, [ids]) == ["hello, world. the fox's"]  # as transformers 4.38 did
     assert tok.decode(ids, clean_up_tokenization_spaces=False) == "hello , world . the fox 's"
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"mauve_featurizer": ""}, "eval.mauve_featurizer"),
+    ({"mauve_max_length": 0}, "eval.mauve_max_length=0"),
+    ({"mauve_scaling_factor": -1}, "eval.mauve_scaling_factor=-1"),
+])
+def test_mauve_settings_are_checked(change, named):
+    from model.errors import UserError
+
+    cfg = cfg_for()
+    cfg.eval = OmegaConf.create({"compute_mauve": True, "mauve_featurizer": "gpt2-large",
+                                 "mauve_max_length": 1024, "mauve_scaling_factor": 5.0}
+                                | change)
+    with pytest.raises(UserError, match=named):
+        S.check_mauve(cfg)
+    cfg.eval.compute_mauve = False
+    S.check_mauve(cfg)  # off: nothing to check
