@@ -79,10 +79,17 @@ def dispatch(cfg: DictConfig):
     if importlib.util.find_spec(module_name) is None:
         raise UsageError(f"mode={cfg.mode} is not available in this version: {what} "
                          f"({module_name}) is not built yet.")
+    from pretrain import watchdog
+
+    ok = False
     try:
-        return getattr(importlib.import_module(module_name), function)(cfg)
+        result = getattr(importlib.import_module(module_name), function)(cfg)
+        ok = True
+        return result
     except _user_errors() as err:
         raise UsageError(str(err)) from None
+    finally:
+        watchdog.leave(ok)  # the other ranks learn whether this one ended well
 
 
 # Keys of the release that do (almost) nothing here: accepted, with a one-line notice.

@@ -41,11 +41,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(timeout_minutes: float | None = None) -> None:
+def init(timeout_minutes: float | None = None, dead_rank_minutes: float | None = None) -> None:
     """Joins (or creates) the process group; collectives time out after ``timeout_minutes``
-    (trainer.collective_timeout_minutes; 30 when None)."""
+    (trainer.collective_timeout_minutes; 30 when None). Every rank of a multi-rank run then
+    joins the watchdog that ends the job when a rank dies (``pretrain.watchdog``; silence
+    for ``dead_rank_minutes``, trainer.dead_rank_timeout_minutes, counts as death)."""
+    from pretrain import watchdog
+
     if dist.is_initialized():
         return
+    watchdog.check_minutes(dead_rank_minutes)
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
         # srun with one task per rank: map slurm's variables (MASTER_ADDR/PORT come from
         # the job script)
@@ -70,6 +75,7 @@ def init(timeout_minutes: float | None = None) -> None:
                                timeout=collective_timeout(timeout_minutes))
     if not on_cuda:
         _unlink_shm_buffer()
+    watchdog.start(rank(), world_size(), dead_rank_minutes, share=broadcast)
 
 
 def cuda_enabled() -> bool:
@@ -168,6 +174,15 @@ def all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         value = value.clone()
         dist.all_reduce(value, op=op)
     return value
+
+
+def broadcast(value):
+    """Rank 0's ``value`` (any picklable object) on every rank."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_lists(items: list) -> list:

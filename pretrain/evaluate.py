@@ -73,7 +73,8 @@ def setup(cfg):
     """Process group, tokenizer and checkpoint of an evaluation or sampling run:
     (device, tokenizer, model)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    D.init(cfg.trainer.get("collective_timeout_minutes"))
+    D.init(cfg.trainer.get("collective_timeout_minutes"),
+           cfg.trainer.get("dead_rank_timeout_minutes"))
     device = D.device()
     from pretrain.data.datasets import tokenizer_for
 

@@ -110,7 +110,8 @@ def run(cfg):
     # ---------------------------------------------------------------- checks first
     ds_cfg = ds_config.build(cfg, D.expected_world_size())
     check_sampling(cfg)
-    D.init(cfg.trainer.get("collective_timeout_minutes"))
+    D.init(cfg.trainer.get("collective_timeout_minutes"),
+           cfg.trainer.get("dead_rank_timeout_minutes"))
     rank, world, device = D.rank(), D.world_size(), D.device()
     run_dir = run_dir_of(cfg)
     checkpoint_dir = run_dir / "checkpoints"
@@ -183,6 +184,7 @@ def run(cfg):
     keep_last = int(cfg.checkpointing.get("keep_last", 2))
     max_skips = int(cfg.trainer.get("max_skipped_in_a_row", 10))
     fail_at = cfg.trainer.get("fail_at_step")
+    fail_rank = int(cfg.trainer.get("fail_rank", 0))
 
     def run_state():
         return {"step": step, "tokens": tokens_seen, "skipped": skipped_total,
@@ -272,7 +274,7 @@ def run(cfg):
                 run_dir=run_dir, metrics=metrics).items()})
         metrics.log(step, record)
 
-        if fail_at is not None and step == int(fail_at) and rank == 0:
+        if fail_at is not None and step == int(fail_at) and rank == fail_rank:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection (tests): die mid-run
         if summary["stop"]:
             save()

@@ -77,14 +77,17 @@ def test_loss_goes_down_under_each_zero_stage(tmp_path, data_dir, stage):
     assert Path(tmp_path, "config.yaml").is_file()
 
 
-def test_killed_run_resumes_exactly(tmp_path, data_dir):
+def test_a_run_whose_rank_1_is_killed_resumes_exactly(tmp_path, data_dir):
     common = ["trainer.deepspeed_config=zero2", "trainer.max_steps=12",
               "checkpointing.every_n_steps=4"]
     straight = tmp_path / "straight"
     train(straight, data_dir, *common)
     killed = tmp_path / "killed"
-    done = train(killed, data_dir, *common, "trainer.fail_at_step=6", check=False)
-    assert done.returncode != 0
+    started = time.monotonic()
+    done = train(killed, data_dir, *common, "trainer.fail_at_step=6", "trainer.fail_rank=1",
+                 check=False)
+    assert done.returncode != 0 and time.monotonic() - started < 120
+    assert "rank 1 (" in done.stderr and "died" in done.stderr, done.stderr[-3000:]
     assert Path(killed, "checkpoints", "latest").read_text() == "step_0000004"
     assert max(losses(killed)) >= 6  # steps 5 and 6 were logged, then lost
     train(killed, data_dir, *common)
