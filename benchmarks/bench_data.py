@@ -13,9 +13,10 @@ Runs alternate (release, prepare, release, ...); each is timed from start to exi
 included. Peak memory is the largest sum of the resident sizes of the run's processes
 (sampled every 20 ms), and the largest single process's (from the kernel's rusage).
 `--strategies` also times prepare's three ways to tokenize (threads, processes, both).
-Per-core throughput: the training split's build time that prepare reports, with one process;
-with the bound that the building process's own Python work sets, it projects the time to
-prepare OpenWebText on 32 cores.
+Per-core throughput: the training split's build time that prepare reports, with one
+process; with the bound that the building process's own Python work sets, it projects the
+time to prepare OpenWebText on 32 cores. Also: reading random batches of 64 blocks back
+through ShardDataset.
 Prints a readable table and one JSON line; saves the line under benchmarks/results/.
 
     python benchmarks/bench_data.py --procs 2 --repeats 3 --strategies
@@ -184,6 +185,21 @@ def release_cmd(train, valid, tok_dir, out, procs, length) -> list[str]:
             str(valid), str(tok_dir), str(out), "--procs", str(procs), "--length", str(length)]
 
 
+def reader_tokens_per_s(directory: str, batch: int = 64, batches: int = 200) -> float:
+    """Random batches of blocks read through ShardDataset (memmaps), tokens/s."""
+    import numpy as np
+
+    from pretrain.data.shards import ShardDataset
+
+    ds = ShardDataset(directory, verify=False)
+    rng = np.random.default_rng(0)
+    started, tokens = time.perf_counter(), 0
+    for _ in range(batches):
+        tokens += sum(int(ds[int(i)]["input_ids"].numel())
+                      for i in rng.integers(0, len(ds), size=batch))
+    return tokens / (time.perf_counter() - started)
+
+
 def same_blocks(prepare_out: str, release_out: str) -> tuple[int, bool]:
     """The prepare run's training blocks and whether they equal the release's."""
     import datasets
@@ -257,6 +273,8 @@ def main():
         blocks, identical = same_blocks(runs["prepare"][-1]["stdout"],
                                         runs["release"][-1]["out"])
         serial = serial_tokens_per_s(train, tok_dir)
+        reader = reader_tokens_per_s(json.loads(runs["prepare"][-1]["stdout"].strip()
+                                                .splitlines()[-1])["train"]["directory"])
 
     tokens = blocks * args.length
     median = {k: {key: statistics.median(run[key] for run in v)
@@ -284,7 +302,7 @@ def main():
         "per_core_tokens_per_s": per_core,
         "building_tokens_per_s": building,
         "scaling_efficiency": building / (args.procs * per_core),
-        "serial_bound_tokens_per_s": serial,
+        "serial_bound_tokens_per_s": serial, "reader_tokens_per_s": reader,
         "owt_32_cores_hours_linear": OWT_TOKENS / (32 * per_core) / 3600,
         "owt_32_cores_hours_bounded": OWT_TOKENS / min(32 * per_core, serial) / 3600,
     }

@@ -4,8 +4,10 @@
 ``data.valid`` for the run config's tokenizer and ``model.length`` under ``data.cache_dir``;
 training and evaluation call the same code when shards are missing.
 
-Documents are taken in fixed groups of ``shards.docs_per_shard``; each group becomes one
-shard. Wrap mode appends EOS to every document and, as the release's
+Documents stream from the source in fixed groups of ``shards.docs_per_shard``; each group
+becomes one shard, written as its rows arrive (memory holds a few batches of documents, not
+a shard or a split). One ``Encoder`` (``encode.py``) tokenizes for every split of a build,
+on the fast tokenizer's own threads or in worker processes started once. Wrap mode appends EOS to every document and, as the release's
 ``map(group_texts, batched=True, num_proc=P)`` does, concatenates each *wrap group* of
 ``shards.wrap_group_docs`` consecutive documents (1000, the release's map batch), cuts it
 into ``block_size - 2`` tokens framed as [BOS] chunk [EOS] and drops the group's incomplete
@@ -16,6 +18,8 @@ whole split (one tail dropped). Pad mode tokenizes each document with its specia
 truncated and padded to ``block_size``. After each shard, ``progress.json`` records what is
 finished (and the tokens carried into the next shard), so a rerun skips finished shards and
 produces byte-identical files; ``meta.json``, written last, marks the directory complete.
+A mistake in the data (a missing, empty or malformed file) is a ``DataError``: the command
+prints it as one line and exits 2.
 """
 
 from __future__ import annotations
@@ -79,10 +83,10 @@ class WrapGroups:
 
     def __init__(self, group_docs: int, procs: int, num_docs: int | None, name: str):
         if group_docs < 0 or procs < 1:
-            raise ValueError(f"shards.wrap_group_docs={group_docs} must be >= 0 and "
+            raise DataError(f"shards.wrap_group_docs={group_docs} must be >= 0 and "
                              f"shards.wrap_group_procs={procs} >= 1.")
         if procs > 1 and num_docs is None:
-            raise ValueError(f"shards.wrap_group_procs={procs} needs the number of documents "
+            raise DataError(f"shards.wrap_group_procs={procs} needs the number of documents "
                              f"of {name}, which a streamed dataset does not know; set "
                              "data.streaming=False or shards.wrap_group_procs=1.")
         self.group_docs = group_docs
