@@ -1,4 +1,6 @@
-"""Seconds per sample of the samplers, in the shape of the release's sampling-speed table.
+"""Seconds per sample of the samplers, in the shape of the release's sampling-speed table
+(``--suite speed``, the default), and a quality-speed table of every predictor
+(``--suite quality``, in ``bench_sampling_quality.py``).
 
 SEDD + analytic, MDLM + ddpm, MDLM + ddpm_cache and MDLM + ddpm_fast at T steps (5k and 10k
 by default), L = 1024, batch 1, GPT-2's vocabulary (50,258), a small network (on CPU a
@@ -11,12 +13,14 @@ every t). Also times one forward pass, so the fast sampler can be
 compared with NFE x forward. Prints a table and one JSON line with the ratios.
 
     python benchmarks/bench_sampling.py --steps 5000,10000 --budget 120
+    python benchmarks/bench_sampling.py --suite quality --checkpoint runs/quickstart
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -80,7 +84,14 @@ def forward_seconds(model, args, repeats: int = 5) -> float:
 
 
 def main():
+    if "--suite" in sys.argv and sys.argv[sys.argv.index("--suite") + 1] == "quality":
+        from bench_sampling_quality import main as quality
+
+        sys.argv.pop(sys.argv.index("--suite") + 1)
+        sys.argv.remove("--suite")
+        return quality()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=["speed", "quality"], default="speed")
     parser.add_argument("--steps", default="5000,10000")
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--hidden", type=int, default=128)
