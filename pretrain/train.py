@@ -121,7 +121,7 @@ def run(cfg):
 
     tokenizer = tokenizer_for(cfg)
     model_config = model_config_for(cfg, tokenizer)
-    tag = checkpointing.latest_tag(checkpoint_dir) if cfg.checkpointing.resume_from_ckpt else None
+    tag = checkpointing.resume_tag(checkpoint_dir) if cfg.checkpointing.resume_from_ckpt else None
     if tag is not None:
         check_resume(json.loads((checkpoint_dir / tag / checkpointing.RUN_FILE).read_text()),
                      model_config, checkpoint_dir / tag, ds_cfg, world)

@@ -8,6 +8,7 @@ import pytest
 
 from model.checkpoint import safe
 from model.errors import UntrustedCheckpointError
+from pretrain import checkpointing
 from tests.model.test_safe_load import PAYLOAD, add_payload
 from tests.pretrain.test_train import train
 
@@ -42,6 +43,7 @@ def test_tampered_checkpoint_is_refused_on_resume(tmp_path, data_dir):
     optim.write_bytes(original)
 
     add_payload(tag / "rank_00001.pt", marker, "beside")
+    reseal(tag)  # whoever crafted the file can rewrite the manifest too
     done = train(tmp_path, data_dir, *common, "trainer.max_steps=4", check=False)
     assert done.returncode != 0
     # the rank's one line (another rank's progress bar may share the terminal line)
@@ -51,3 +53,13 @@ def test_tampered_checkpoint_is_refused_on_resume(tmp_path, data_dir):
     assert refusal[0].endswith("load it fully with checkpointing.trust=True.")
     assert not marker.exists()
     assert Path(tmp_path, "checkpoints", "latest").read_text() == "step_0000002"
+
+
+def reseal(tag_dir: Path) -> None:
+    """The tag's manifest rewritten to its files as they are now."""
+    import json
+
+    path = tag_dir / checkpointing.MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["files"] = checkpointing.file_sizes(tag_dir)
+    path.write_text(json.dumps(manifest))

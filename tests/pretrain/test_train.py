@@ -77,11 +77,20 @@ def test_loss_goes_down_under_each_zero_stage(tmp_path, data_dir, stage):
     assert Path(tmp_path, "config.yaml").is_file()
 
 
-def test_a_run_whose_rank_1_is_killed_resumes_exactly(tmp_path, data_dir):
-    common = ["trainer.deepspeed_config=zero2", "trainer.max_steps=12",
-              "checkpointing.every_n_steps=4"]
-    straight = tmp_path / "straight"
-    train(straight, data_dir, *common)
+RESUMED = ["trainer.deepspeed_config=zero2", "trainer.max_steps=12",
+           "checkpointing.every_n_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_dir):
+    """An uninterrupted 12-step run that the interrupted ones must reproduce."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    train(run_dir, data_dir, *RESUMED)
+    return run_dir
+
+
+def test_a_run_whose_rank_1_is_killed_resumes_exactly(tmp_path, data_dir, straight):
+    common = RESUMED
     killed = tmp_path / "killed"
     started = time.monotonic()
     done = train(killed, data_dir, *common, "trainer.fail_at_step=6", "trainer.fail_rank=1",
@@ -93,6 +102,29 @@ def test_a_run_whose_rank_1_is_killed_resumes_exactly(tmp_path, data_dir):
     train(killed, data_dir, *common)
     assert losses(killed) == losses(straight)  # every loss after the resume point, exactly
     a, b = raw_weights(straight), raw_weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, data_dir, straight):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)  # checkpoints at steps 8 and 12
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_0000012"
+    shard = checkpoints / "step_0000012" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:  # a copy cut short by a full disk or a lost node
+        f.truncate(size // 2)
+    done = train(run_dir, data_dir, *RESUMED)
+    log = done.stdout + done.stderr
+    assert (f"step_0000012 is damaged (zero_pp_rank_1_mp_rank_00_optim_states.pt has "
+            f"{size // 2} bytes, {size} when it was published)") in log, log[-3000:]
+    assert f"resumed from {checkpoints / 'step_0000008'}" in log
+    assert (checkpoints / "damaged_step_0000012").is_dir()
+    assert (checkpoints / "latest").read_text() == "step_0000012"
+    assert losses(run_dir) == losses(straight)  # steps 9 to 12 again, exactly
+    a, b = raw_weights(straight), raw_weights(run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
