@@ -11,7 +11,8 @@ no network. Both sides build both splits in wrap mode at L=1024 with `--procs` p
   `shards.wrap_group_procs=P`, so that its blocks are exactly the release's (checked).
 Runs alternate (release, prepare, release, ...); each is timed from start to exit, imports
 included. Peak memory is the largest sum of the resident sizes of the run's processes
-(sampled every 20 ms), and the largest single process's (from the kernel's rusage).
+(sampled every 20 ms), and the largest single process's (from the kernel's rusage); CPU
+seconds (user + system, all the run's processes) show the work apart from other load.
 `--strategies` also times prepare's three ways to tokenize (threads, processes, both).
 Per-core throughput: the training split's build time that prepare reports, with one
 process; with the bound that the building process's own Python work sets, it projects the
@@ -167,7 +168,8 @@ def timed(cmd: list[str], env: dict) -> dict:
     stdout, stderr = proc.stdout.read().decode(), proc.stderr.read().decode()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return {"seconds": seconds, "peak_rss_mb": peak / 2**20,
+    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mb": peak / 2**20,
             "max_process_rss_mb": usage.ru_maxrss / 1024, "stdout": stdout}
 
 
@@ -268,7 +270,8 @@ def main():
                     cmd = prepare_cmd(*common, out, args.procs, args.length,
                                       None if name == "prepare" else name)
                 runs[name].append(timed(cmd, env) | {"out": str(out)})
-                print(f"{name:>9} run {r}: {runs[name][-1]['seconds']:6.2f} s, peak "
+                print(f"{name:>9} run {r}: {runs[name][-1]['seconds']:6.2f} s "
+                      f"({runs[name][-1]['cpu_seconds']:6.2f} s CPU), peak "
                       f"{runs[name][-1]['peak_rss_mb']:7.0f} MiB", flush=True)
         blocks, identical = same_blocks(runs["prepare"][-1]["stdout"],
                                         runs["release"][-1]["out"])
@@ -278,16 +281,18 @@ def main():
 
     tokens = blocks * args.length
     median = {k: {key: statistics.median(run[key] for run in v)
-                  for key in ("seconds", "peak_rss_mb", "max_process_rss_mb")}
+                  for key in ("seconds", "cpu_seconds", "peak_rss_mb", "max_process_rss_mb")}
               for k, v in runs.items()}
     result = {
         "bench": "prepare_vs_release", "corpus": f"pydoc_data.topics x{args.copies}",
         "corpus_mb": train_mb(args.copies), "length": args.length, "processes": args.procs,
         "repeats": args.repeats, "train_tokens": tokens, "blocks_identical": identical,
-        "cpus": os.cpu_count(),
+        "cpus": os.cpu_count(), "loadavg_after": os.getloadavg()[0],
         "release_tokens_per_s": tokens / median["release"]["seconds"],
         "prepare_tokens_per_s": tokens / median["prepare"]["seconds"],
         "ratio": median["release"]["seconds"] / median["prepare"]["seconds"],
+        "release_cpu_seconds": median["release"]["cpu_seconds"],
+        "prepare_cpu_seconds": median["prepare"]["cpu_seconds"],
         "release_peak_rss_mb": median["release"]["peak_rss_mb"],
         "prepare_peak_rss_mb": median["prepare"]["peak_rss_mb"],
         "release_max_process_rss_mb": median["release"]["max_process_rss_mb"],
@@ -309,10 +314,11 @@ def main():
     if args.strategies:
         result["strategy_tokens_per_s"] = {s: tokens / median[s]["seconds"]
                                            for s in ("threads", "processes", "both")}
-    print(f"\n{'':>9} {'tokens/s':>12} {'peak MiB':>9}  (median of {args.repeats})")
+    print(f"\n{'':>9} {'tokens/s':>12} {'CPU s':>7} {'peak MiB':>9}  (median of "
+          f"{args.repeats})")
     for name in runs:
         print(f"{name:>9} {tokens / median[name]['seconds']:>12,.0f} "
-              f"{median[name]['peak_rss_mb']:>9.0f}")
+              f"{median[name]['cpu_seconds']:>7.1f} {median[name]['peak_rss_mb']:>9.0f}")
     print(f"prepare / release: {result['ratio']:.2f}x tokens/s; blocks identical: {identical}")
     print(f"building the training split (as prepare reports it), 1 process: {per_core:,.0f} "
           "tokens/s;"
