@@ -142,9 +142,11 @@ class Encoder:
             self.codec = _Codec(self.tokenizer)
             from concurrent.futures import ThreadPoolExecutor
 
-            # One thread runs the Rust call (which frees the GIL) while this one reads the
-            # next batch of documents.
-            self.threads = ThreadPoolExecutor(1)
+            # With several threads two batches encode at once (the Rust call frees the GIL),
+            # so the tokenizer's threads stay busy while one batch's ids go into numpy and
+            # this thread reads the next documents; with one, a single batch at a time.
+            self.procs = 2 if threads > 1 else 1  # batches encoding at once
+            self.threads = ThreadPoolExecutor(self.procs)
 
     def _start_pool(self, procs: int, threads: int) -> None:
         import multiprocessing
@@ -159,7 +161,7 @@ class Encoder:
         ``jobs``, in order."""
         if self.pool is None and self.codec is None:
             self._start()
-        window = window or (2 * self.procs if self.pool is not None else 2)
+        window = window or (2 * self.procs if self.pool is not None else self.procs + 1)
         pending = deque()
         for texts, wrap, block_size, extra in jobs:
             if self.pool is not None:

@@ -7,8 +7,9 @@ training and evaluation call the same code when shards are missing.
 Documents stream from the source in fixed groups of ``shards.docs_per_shard``; each group
 becomes one shard, written as its rows arrive (memory holds a few batches of documents, not
 a shard or a split). One ``Encoder`` (``encode.py``) tokenizes for every split of a build,
-on the fast tokenizer's own threads or in worker processes started once. Wrap mode appends EOS to every document and, as the release's
-``map(group_texts, batched=True, num_proc=P)`` does, concatenates each *wrap group* of
+on the fast tokenizer's own threads or in worker processes started once. Wrap mode appends
+EOS to every document and, as the release's ``map(group_texts, batched=True, num_proc=P)``
+does, concatenates each *wrap group* of
 ``shards.wrap_group_docs`` consecutive documents (1000, the release's map batch), cuts it
 into ``block_size - 2`` tokens framed as [BOS] chunk [EOS] and drops the group's incomplete
 tail. With ``shards.wrap_group_procs=P`` the split is first cut into P contiguous parts as
