@@ -198,8 +198,10 @@ class LocalCorpus:
         return itertools.islice(docs, start, None)
 
     def cheap_len(self) -> int | None:
-        """The number of documents when counting them costs no parsing (.jsonl, .parquet)."""
-        if any(f.suffix not in (".jsonl", ".parquet") for f in self.files):
+        """The number of documents when counting them costs no parsing (.jsonl, .parquet,
+        a directory's .txt files)."""
+        cheap = (".jsonl", ".parquet", ".txt") if self.path.is_dir() else (".jsonl", ".parquet")
+        if any(f.suffix not in cheap for f in self.files):
             return None if self._count is None else self._count
         return len(self)
 

@@ -140,3 +140,21 @@ def test_auto_picks_the_tokenizers_threads_then_workers_of_threads(bpe):
     assert choose(Text8Tokenizer(), "auto", 2) == "processes"
     with pytest.raises(fmt.UserError, match="shards.tokenize='fast'"):
         choose(bpe, "fast")
+
+
+def test_local_files_count_and_resume_as_the_whole_list(tmp_path):
+    from pretrain.data.sources import LocalCorpus, read_local
+
+    docs = ["w1 w2", "w3\nw4", "w5", "ü"]
+    (tmp_path / "d").mkdir()
+    for i, t in enumerate(docs):
+        (tmp_path / "d" / f"{i}.txt").write_text(t + "\n")
+    (tmp_path / "p.txt").write_text("w1 w2\r\n\r\nw3\nw4\n\n\n\nw5\n \nü\n")
+    (tmp_path / "r.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs) + "\n\n")
+    for path in (tmp_path / "d", tmp_path / "p.txt", tmp_path / "r.jsonl"):
+        corpus_ = LocalCorpus(path)
+        whole = read_local(path)
+        assert len(corpus_) == len(whole) and list(corpus_.texts(2)) == whole[2:]
+        assert corpus_.cheap_len() in (None, len(whole))
+    assert read_local(tmp_path / "p.txt") == ["w1 w2", "w3\nw4", "w5\n \nü"]
+    assert read_local(tmp_path / "r.jsonl") == docs
