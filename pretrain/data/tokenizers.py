@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from pathlib import Path
 
 import transformers
@@ -176,11 +177,27 @@ def normalize(tokenizer, name: str = "tokenizer"):
     return tokenizer
 
 
+_HASHES = weakref.WeakKeyDictionary()  # tokenizer -> (its size and special ids, hash)
+
+
 def vocab_hash(tokenizer) -> str:
     """A digest of the vocabulary and special-token ids: two tokenizers with the same hash
-    map text to the same ids."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    map text to the same ids. Remembered per tokenizer while its size and special ids stay
+    (a build asks several times; GPT-2's vocabulary takes about 0.1 s to hash)."""
     specials = {k: getattr(tokenizer, f"{k}_token_id", None)
                 for k in ("bos", "eos", "pad", "mask", "cls", "sep", "unk")}
+    key = (len(tokenizer), tuple(specials.values()))
+    try:
+        remembered = _HASHES.get(tokenizer)
+    except TypeError:  # not weakly referable: hash every time
+        remembered = None
+    if remembered is not None and remembered[0] == key:
+        return remembered[1]
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     payload = json.dumps({"vocab": vocab, "specials": specials}, ensure_ascii=False)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    try:
+        _HASHES[tokenizer] = (key, digest)
+    except TypeError:
+        pass
+    return digest
