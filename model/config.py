@@ -106,6 +106,10 @@ class ModelConfig:
         need(self.loss_chunk_rows >= 0,
              f"model.loss_chunk_rows={self.loss_chunk_rows} must be 0 (chosen by device) or "
              "the number of rows of logits scored at once.")
+        for key in ("length", "hidden_size", "n_heads", "n_blocks", "cond_dim"):
+            value = getattr(self, key)
+            need(isinstance(value, int) and value >= 1,
+                 f"model.{key}={value} must be a positive whole number.")
         need(self.hidden_size % self.n_heads == 0,
              f"model.hidden_size={self.hidden_size} is not divisible by "
              f"model.n_heads={self.n_heads}; pick a head count that divides it.")

@@ -8,7 +8,7 @@ import os
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pretrain.resolvers import absolutize_paths, register
 
@@ -36,6 +36,7 @@ def check_config(cfg: DictConfig) -> None:
 
     if cfg.mode not in MODES:
         raise UsageError(f"mode={cfg.mode} is not a mode; use one of {sorted(MODES)}.")
+    check_run_values(cfg)
     if cfg.backbone == "hf_dit":
         if not cfg.eval.checkpoint_path:
             raise UsageError("backbone=hf_dit loads a pretrained model: set "
@@ -47,6 +48,51 @@ def check_config(cfg: DictConfig) -> None:
         from_run_config(cfg, vocab_size=2, mask_index=1)
     except ConfigError as err:
         raise UsageError(str(err)) from None
+
+
+def _looks_local(name: str) -> bool:
+    """A path as the user wrote it (not a hub id such as ``gpt2-large`` or ``org/name``)."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+
+
+def check_run_values(cfg: DictConfig) -> None:
+    """The run's counts, sizes and names that no mode can use, each refused in one sentence
+    before any data or checkpoint is read."""
+    def at_least(key: str, low: int, meaning: str) -> None:
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UsageError(f"{key}={value} must be a whole number >= {low} ({meaning}).")
+
+    at_least("loader.batch_size", 1, "sequences per rank and micro-step")
+    at_least("loader.eval_batch_size", 1, "sequences per rank in evaluation and sampling")
+    at_least("loader.num_workers", 0, "data-loader processes per rank; 0 loads in the rank")
+    at_least("trainer.max_steps", 0, "optimizer steps of the run")
+    at_least("trainer.val_check_interval", 0, "steps between validations; 0 never validates")
+    at_least("checkpointing.every_n_steps", 0, "steps between checkpoints; 0 saves at the "
+                                               "end and on a stop signal only")
+    at_least("checkpointing.keep_last", 0, "checkpoints kept; 0 keeps every one")
+    at_least("eval.perplexity_batch_size", 1, "samples per batch of the generative-"
+                                              "perplexity judge")
+    at_least("eval.num_mc_samples", 1, "passes over the data for the diffusion bound")
+    if cfg.mode == "ppl_eval" and cfg.eval.get("zero_shot", False) and not list(
+            cfg.eval.get("zero_shot_datasets") or []):
+        raise UsageError("eval.zero_shot=True but eval.zero_shot_datasets is empty; list the "
+                         "datasets to evaluate, e.g. eval.zero_shot_datasets=[ptb,wikitext2].")
+    generative = (cfg.mode == "sample_eval" or (
+        cfg.mode == "train" and cfg.eval.get("generate_samples", False))) and bool(
+        cfg.eval.get("compute_generative_perplexity", False))
+    judge = str(cfg.eval.get("gen_ppl_eval_model_name_or_path") or "")
+    if generative and _looks_local(judge) and not os.path.isdir(os.path.expanduser(judge)):
+        raise UsageError(f"eval.gen_ppl_eval_model_name_or_path={judge} is not a directory; "
+                         "name a saved Hugging Face causal LM or a hub id such as "
+                         "gpt2-large.")
+    path = str(cfg.eval.get("checkpoint_path") or "")
+    if cfg.mode != "train" and _looks_local(path) and not os.path.exists(
+            os.path.expanduser(path)):
+        raise UsageError(f"eval.checkpoint_path={path} does not exist; point it at a run "
+                         "directory, a .ckpt file, an HF directory or a hub id.")
 
 
 def _user_errors() -> tuple:
@@ -161,6 +207,7 @@ def check_overrides(argv: list[str]) -> None:
     from omegaconf import OmegaConf
 
     args = [a for a in argv if "=" in a and not a.startswith("-")]
+    check_group_choices(args)
     try:
         parsed = OverridesParser.create().parse_overrides(args)
         choices = [a for a, o in zip(args, parsed) if o.key_or_group in GROUPS]
@@ -186,6 +233,18 @@ def check_overrides(argv: list[str]) -> None:
 
 
 _MISSING = object()
+
+
+def check_group_choices(args: list[str]) -> None:
+    """``noise=bogus`` and the like: a config group's choice that has no file."""
+    from pathlib import Path
+
+    root = Path(__file__).parent / "config"
+    for arg in args:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key in GROUPS and value and not (root / key / f"{value}.yaml").is_file():
+            options = sorted(p.stem for p in (root / key).glob("*.yaml"))
+            raise UsageError(f"{key}={value} is not a choice; use one of {options}.")
 
 
 @hydra.main(config_path="config", config_name="config", version_base=None)

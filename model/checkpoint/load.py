@@ -39,31 +39,17 @@ def load_pretrained(path_or_hub_id, use_ema: bool = True, device=None, revision=
 
     check_field_names(overrides)
     path = Path(str(path_or_hub_id)).expanduser()
-    ours_dir = ours.locate(path) if path.is_dir() else None
-    if ours_dir is not None:
-        values, state, used_ema = ours.read(ours_dir, use_ema, trust)
-        state = strip_prefix(state)
-        source = f"checkpoint {ours_dir}"
-    elif path.is_file():
-        values, state, used_ema = lightning.read(path, use_ema, trust)
-        source = f"checkpoint {path}"
-    elif hf.is_hf_dir(path):
-        values, state, used_ema = _read_hf(path)
-        source = f"HF directory {path}"
-    elif path.exists():
+    try:
+        values, state, used_ema, source = _read(path_or_hub_id, path, use_ema, trust, revision)
+    except CheckpointError:
+        raise
+    except _READ_ERRORS as err:
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise CheckpointError(
-            f"{path} is neither a .ckpt file nor a directory with config.json; point it at "
-            "a Lightning checkpoint or an HF-layout model directory."
-        )
-    elif _looks_like_hub_id(str(path_or_hub_id)):
-        directory = hf.download(str(path_or_hub_id), revision)
-        values, state, used_ema = _read_hf(directory)
-        source = f"hub model {path_or_hub_id}"
-    else:
-        raise CheckpointError(
-            f"{path_or_hub_id!r} does not exist and is not a hub id like 'org/name'; "
-            "check the path."
-        )
+            f"could not read the checkpoint {path} ({type(err).__name__}"
+            f"{': ' + detail if detail else ''}); it is truncated or not a checkpoint of a "
+            "kind this loads: copy, download or export it again."
+        ) from err
     values.update(overrides)
     config = ModelConfig.from_dict(values)
     model = Diffusion(config)
@@ -73,6 +59,49 @@ def load_pretrained(path_or_hub_id, use_ema: bool = True, device=None, revision=
     if device is not None:
         model.to(torch.device(device))
     return model
+
+
+def _read(path_or_hub_id, path: Path, use_ema: bool, trust: bool, revision):
+    """(config values, state dict, whether EMA weights were used, what was read)."""
+    ours_dir = ours.locate(path) if path.is_dir() else None
+    if ours_dir is not None:
+        values, state, used_ema = ours.read(ours_dir, use_ema, trust)
+        return values, strip_prefix(state), used_ema, f"checkpoint {ours_dir}"
+    if path.is_file():
+        return (*lightning.read(path, use_ema, trust), f"checkpoint {path}")
+    if hf.is_hf_dir(path):
+        return (*_read_hf(path), f"HF directory {path}")
+    if path.exists():
+        raise CheckpointError(
+            f"{path} is neither a .ckpt file nor a directory with config.json; point it at "
+            "a Lightning checkpoint or an HF-layout model directory."
+        )
+    if _looks_like_hub_id(str(path_or_hub_id)):
+        directory = hf.download(str(path_or_hub_id), revision)
+        return (*_read_hf(directory), f"hub model {path_or_hub_id}")
+    raise CheckpointError(
+        f"{path_or_hub_id!r} does not exist and is not a hub id like 'org/name'; "
+        "check the path."
+    )
+
+
+def _read_errors() -> tuple:
+    """What reading a damaged or foreign file raises (safetensors, pickle, zip, JSON)."""
+    import pickle
+    import zipfile
+
+    errors = [OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError,
+              zipfile.BadZipFile, UnicodeDecodeError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+_READ_ERRORS = _read_errors()
 
 
 def _read_hf(directory: Path) -> tuple[dict, dict, bool]:
