@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from model.errors import UserError
+
 LN2 = math.log(2)
 
 
@@ -39,7 +41,7 @@ def perplexity(model, batches: Iterable[tuple[int, dict]], num_mc_samples: int =
     exact = model.parameterization == "ar"
     passes = 1 if exact else int(num_mc_samples)
     if passes < 1:
-        raise ValueError(f"eval.num_mc_samples={num_mc_samples} must be at least 1.")
+        raise UserError(f"eval.num_mc_samples={num_mc_samples} must be at least 1.")
     was_training = model.training
     model.eval()
     # per pass: sum of losses, tokens; over (pass, batch) units: sums for the delta method
@@ -62,7 +64,8 @@ def perplexity(model, batches: Iterable[tuple[int, dict]], num_mc_samples: int =
     units = reduce(units.to(device)).cpu()
     tokens = float(totals[0, 1])
     if tokens == 0:
-        raise ValueError("the evaluation data holds no real tokens.")
+        raise UserError("the evaluation data holds no real tokens; point data.valid at a "
+                        "split with text in it.")
     estimates = totals[:, 0] / totals[:, 1]
     nll = float(totals[:, 0].sum() / totals[:, 1].sum())
     if exact:

@@ -18,6 +18,7 @@ from model import objectives as obj
 from model.causal import MASK_LOGIT, CausalTransformer
 from model.config import ModelConfig
 from model.dit import DIT, as_sigma
+from model.errors import ConfigError
 from model.noise import get_noise, log_masking_bounds
 
 
@@ -187,7 +188,7 @@ class Diffusion(nn.Module):
         length = self.config.length
         if x0.shape[1] > length:
             if x0.shape[1] != 2 * length:
-                raise ValueError(
+                raise ConfigError(
                     f"input blocks of {x0.shape[1]} tokens do not fit model.length={length}; "
                     "blocks must be model.length long (or twice that for cropping)."
                 )

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from model.errors import CheckpointError
+
 
 def _local(p: torch.nn.Parameter) -> torch.Tensor:
     """The tensor this rank owns of ``p``: its ZeRO-3 partition, or the parameter itself."""
@@ -93,12 +95,12 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         if list(state["names"]) != list(self.names) or len(state["shadow"]) != len(self.shadow):
-            raise ValueError("the checkpoint's EMA holds other parameters than this model; "
+            raise CheckpointError("the checkpoint's EMA holds other parameters than this model; "
                              "resume with the same model settings.")
         self.decay, self.num_updates = state["decay"], state["num_updates"]
         for s, saved in zip(self.shadow, state["shadow"]):
             if saved.shape != s.shape:
-                raise ValueError("the checkpoint's EMA partitions have other shapes than "
+                raise CheckpointError("the checkpoint's EMA partitions have other shapes than "
                                  "this run's (another ZeRO stage or world size?); resume with "
                                  "the same ones.")
             s.copy_(saved)

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from model.errors import UserError
+
 
 def lr_lambda(cfg, max_steps: int):
     """``constant_warmup``: linear warm-up over ``num_warmup_steps`` then constant
@@ -32,7 +34,7 @@ def lr_lambda(cfg, max_steps: int):
             return lr / base
 
         return factor
-    raise ValueError(f"lr_scheduler={name} is not known; use constant_warmup or "
+    raise UserError(f"lr_scheduler={name} is not known; use constant_warmup or "
                      "cosine_decay_warmup.")
 
 

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import torch
 
+from model.errors import UserError
+
 
 class ResumableSampler(torch.utils.data.Sampler):
     def __init__(self, num_samples: int, global_batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle: bool = True):
         if global_batch_size % world_size:
-            raise ValueError(f"the global batch of {global_batch_size} samples does not split "
+            raise UserError(f"the global batch of {global_batch_size} samples does not split "
                              f"over {world_size} ranks; pick a multiple of the world size.")
         if num_samples < global_batch_size:
-            raise ValueError(f"the dataset has {num_samples} sequences, fewer than one global "
+            raise UserError(f"the dataset has {num_samples} sequences, fewer than one global "
                              f"batch ({global_batch_size}); lower loader.global_batch_size or "
                              "use more data.")
         self.num_samples = num_samples
@@ -74,13 +76,13 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_samples", self.num_samples) != self.num_samples:
-            raise ValueError(
+            raise UserError(
                 f"the checkpoint's sampler walked a dataset of {state['num_samples']} sequences "
                 f"but this one has {self.num_samples}; resume with the same data and "
                 "model.length, or start a new run directory."
             )
         if state["consumed"] % self.world_size:
-            raise ValueError(f"cannot resume {state['consumed']} consumed samples on "
+            raise UserError(f"cannot resume {state['consumed']} consumed samples on "
                              f"{self.world_size} ranks; use a world size that divides it.")
         self.seed = state.get("seed", self.seed)
         self.epoch, self.consumed = state["epoch"], state["consumed"]
