@@ -5,12 +5,17 @@ A directory with ``config.json`` (``model_type: "mdlm"``, ``vocab_size``, ``mode
 and weights in ``model.safetensors`` (possibly sharded) or ``pytorch_model.bin``, keys
 prefixed ``backbone.``. Settings this project adds (backbone, parameterization, mask index,
 T, noise) are extra top-level fields that other readers ignore.
+
+``save_pretrained`` also copies the configuration and modeling code of ``remote/`` beside the
+weights and names them in ``auto_map``, so that ``transformers`` opens the directory alone
+(``AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,6 +41,9 @@ HF_FIELDS = {
     "dropout": "dropout",
     "time_conditioning": "time_conditioning",
 }
+# the code transformers imports for trust_remote_code=True, copied beside the weights
+REMOTE_DIR = Path(__file__).parent / "remote"
+REMOTE_FILES = ("configuration_mdlm.py", "modeling_mdlm.py")
 EXTRA_FIELDS = ("backbone", "parameterization", "mask_index", "T", "subs_masking", "noise",
                 "bos_index", "eos_index")
 
@@ -89,9 +97,18 @@ def read_weights(directory: Path) -> dict:
     )
 
 
+def auto_map(config) -> dict:
+    """The transformers Auto classes the copied remote code provides for ``config``."""
+    out = {"AutoConfig": "configuration_mdlm.MDLMConfig",
+           "AutoModelForMaskedLM": "modeling_mdlm.MDLM"}
+    if config.backbone == "ar":
+        out["AutoModelForCausalLM"] = "modeling_mdlm.MDLM"
+    return out
+
+
 def config_json(config) -> dict:
     out = {"model_type": "mdlm", "architectures": ["MDLM"], "return_dict": False,
-           "torch_dtype": "float32"}
+           "torch_dtype": "float32", "auto_map": auto_map(config)}
     out.update({key: getattr(config, field) for key, field in HF_FIELDS.items()})
     out.update({key: getattr(config, key) for key in EXTRA_FIELDS})
     return out
@@ -110,10 +127,11 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_pretrained(model, directory) -> Path:
-    """Writes ``model`` (a Diffusion) in the mdlm-owt layout: config.json + model.safetensors.
+    """Writes ``model`` (a Diffusion) in the mdlm-owt layout: config.json + model.safetensors
+    + the configuration and modeling code ``trust_remote_code=True`` imports.
 
-    The weights are written first and config.json last, each atomically, so a directory
-    with a config.json is never half-written.
+    The weights and code are written first and config.json last, each atomically, so a
+    directory with a config.json is never half-written.
     """
     from safetensors.torch import save_file
 
@@ -123,6 +141,9 @@ def save_pretrained(model, directory) -> Path:
              for k, v in model.backbone.state_dict().items()}
     _atomic_write(directory / SAFETENSORS_NAME,
                   lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    for name in REMOTE_FILES:
+        _atomic_write(directory / name,
+                      lambda tmp, name=name: shutil.copyfile(REMOTE_DIR / name, tmp))
 
     def write_config(tmp):
         with open(tmp, "w") as f:
