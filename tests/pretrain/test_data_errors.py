@@ -116,3 +116,17 @@ def test_utf8_offsets_across_block_edges(tmp_path):
     assert first_bad_utf8_byte(path, block=3) == 20
     assert first_bad_utf8_byte(write(tmp_path / "ok.txt", text), block=3) is None
     assert first_bad_utf8_byte(write(tmp_path / "cut.txt", text + b"\xc3"), block=3) == 20
+
+
+@pytest.mark.slow
+def test_mdlm_train_names_the_bad_line_too(tmp_path, tokenizer_dir):
+    path = write(tmp_path / "bad.jsonl", jsonl({"text": "a"}) + b"{oops\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "pretrain", "mode=train", "model=tiny", "model.length=64",
+         f"data.train={path}", f"data.valid={path}",
+         f"data.tokenizer_name_or_path={tokenizer_dir}", f"data.cache_dir={tmp_path / 'c'}",
+         f"checkpointing.save_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"mdlm: {path} line 2 is not valid JSON" in done.stderr
