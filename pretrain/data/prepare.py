@@ -85,11 +85,11 @@ class WrapGroups:
     def __init__(self, group_docs: int, procs: int, num_docs: int | None, name: str):
         if group_docs < 0 or procs < 1:
             raise DataError(f"shards.wrap_group_docs={group_docs} must be >= 0 and "
-                             f"shards.wrap_group_procs={procs} >= 1.")
+                            f"shards.wrap_group_procs={procs} >= 1.")
         if procs > 1 and num_docs is None:
             raise DataError(f"shards.wrap_group_procs={procs} needs the number of documents "
-                             f"of {name}, which a streamed dataset does not know; set "
-                             "data.streaming=False or shards.wrap_group_procs=1.")
+                            f"of {name}, which a streamed dataset does not know; set "
+                            "data.streaming=False or shards.wrap_group_procs=1.")
         self.group_docs = group_docs
         self.starts = [0]
         if procs > 1:

@@ -132,7 +132,7 @@ def open_source(name: str, split: str, cache_dir: str, streaming: bool = False,
         hf_split = split
     if streaming and name.startswith("openwebtext-"):
         raise DataError(f"data.train={name} slices the last {OWT_VALID_DOCS} documents off, "
-                         "which a streamed dataset cannot do; set data.streaming=False.")
+                        "which a streamed dataset cannot do; set data.streaming=False.")
     dataset = _load_hf(path, config, cache_dir, streaming, split=hf_split)
     return Source(name, split, dataset, column, detok)
 
