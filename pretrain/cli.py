@@ -220,8 +220,11 @@ def check_overrides(argv: list[str]) -> None:
         key = o.key_or_group
         if key in GROUPS or key.startswith("hydra.") or o.is_delete():
             continue
-        effect = (f"{_NO_EFFECT} (runs log to TensorBoard and metrics.jsonl)"
-                  if key.startswith("wandb.") else RELEASE_ONLY.get(key))
+        effect = RELEASE_ONLY.get(key)
+        if key.startswith("wandb."):
+            effect = ("with wandb installed the run also logs to Weights & Biases "
+                      "(wandb.enabled=false: TensorBoard only)" if _wandb_installed() else
+                      f"{_NO_EFFECT} (runs log to TensorBoard and metrics.jsonl)")
         if effect:
             _note(f"{key} is accepted for compatibility with the MDLM release; {effect}.")
             continue
@@ -233,6 +236,12 @@ def check_overrides(argv: list[str]) -> None:
 
 
 _MISSING = object()
+
+
+def _wandb_installed() -> bool:  # wandb.* keys then log to W&B (pretrain.wandb_log)
+    import importlib.util
+
+    return importlib.util.find_spec("wandb") is not None
 
 
 def check_group_choices(args: list[str]) -> None:

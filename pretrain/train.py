@@ -179,7 +179,8 @@ def run(cfg):
         generator=torch.Generator().manual_seed(int(cfg.seed)),
         num_workers=int(cfg.loader.num_workers), pin_memory=bool(cfg.loader.pin_memory)
         and device.type == "cuda", persistent_workers=False)
-    metrics = MetricsLog(run_dir, rank == 0, step, max_steps, cfg.trainer.log_every_n_steps)
+    metrics = MetricsLog(run_dir, rank == 0, step, max_steps, cfg.trainer.log_every_n_steps,
+                         cfg)
     every = int(cfg.checkpointing.get("every_n_steps", 500))
     keep_last = int(cfg.checkpointing.get("keep_last", 2))
     max_skips = int(cfg.trainer.get("max_skipped_in_a_row", 10))
