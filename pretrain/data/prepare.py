@@ -332,12 +332,29 @@ def _task(cfg) -> None:
         raise SystemExit(2) from None
 
 
+def _check_overrides(argv: list[str]) -> None:
+    """A misspelt key or group choice stops as it does in ``mdlm`` (the closest valid one
+    named, exit status 2), said as ``prepare: ...``."""
+    import contextlib
+    import io
+
+    from pretrain.cli import check_overrides
+
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            check_overrides(argv)
+    finally:
+        sys.stderr.write(said.getvalue().replace("mdlm: ", "prepare: "))
+
+
 def main() -> None:
     import hydra
 
     from pretrain.resolvers import register
 
     register()
+    _check_overrides(sys.argv[1:])
     hydra.main(config_path="../config", config_name="config", version_base=None)(_task)()
 
 

@@ -97,6 +97,12 @@ def test_a_tokenizer_that_does_not_load_is_one_line(tmp_path):
     assert "no-tokenizer" in done.stderr
 
 
+def test_a_misspelt_key_is_one_line_naming_the_closest(tmp_path):
+    done = prepare(tmp_path, "data.trian=x.jsonl")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "prepare: data.trian is not a setting; did you mean data.train?" in done.stderr
+
+
 def test_a_bug_keeps_its_traceback(monkeypatch):
     from pretrain.data import prepare as prep
 
