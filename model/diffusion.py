@@ -118,12 +118,18 @@ class Diffusion(nn.Module):
         return obj.subs_loss(out, x0, n.sigma, n.dsigma)
 
     def masked_losses(self, x0: torch.Tensor, mask: torch.Tensor, t=None,
-                      generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+                      generator=None, keep: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """The diffusion loss where it can be nonzero only: at the masked real positions of
         x_t the network's output is projected and scored in chunks (``model.projection``).
         Same draws as ``diffusion_losses``. Returns (sum of per-token losses, which carries
-        the gradient; per-token losses (batch, length), zero elsewhere, as values)."""
+        the gradient; per-token losses (batch, length), zero elsewhere, as values).
+
+        ``keep`` (batch, length), when given, marks positions that stay clean in x_t (a
+        prompt): with ``mask`` covering the rest, the sum bounds -log p(rest | prompt)."""
         n = self.noised(x0, t, generator)
+        if keep is not None:
+            n.xt = torch.where(keep, x0, n.xt)
         rows, cols = ((n.xt == self.mask_index) & (mask != 0)).nonzero(as_tuple=True)
         targets = x0[rows, cols]
         sigma = self._process_sigma(n.conditioning, x0.shape[0], x0.device)
