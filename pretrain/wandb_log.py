@@ -6,9 +6,10 @@ when ``wandb`` is importable and ``wandb.enabled`` says so:
 
 - ``auto`` (the default): on when the command line sets any ``wandb.*`` key (the MDLM
   release's ``wandb.project=...``, ``wandb.name=...``, ``+wandb.offline=true`` ...) or the
-  environment sets ``WANDB_MODE`` (other than ``disabled``); otherwise off, so an installed
-  ``wandb`` never starts logging for someone who did not ask for it;
+  environment sets ``WANDB_MODE``; otherwise off, so an installed ``wandb`` never starts
+  logging for someone who did not ask for it;
 - ``true``: on (an error if ``wandb`` is not installed); ``false``: off.
+``WANDB_MODE=disabled`` turns it off whatever the setting.
 
 The release's keys map onto ``wandb.init``: ``project``, ``name``, ``group``, ``tags``,
 ``notes``, ``job_type``, ``id``, and ``+wandb.offline=true`` (``mode="offline"``; so does
@@ -54,9 +55,10 @@ def wanted(cfg) -> bool:
     """Whether this run logs to W&B (see the module's docstring); raises ConfigError for
     ``wandb.enabled=true`` without ``wandb`` installed or a value that is not a switch."""
     block = cfg.get("wandb") or {}
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
     setting = block.get("enabled", "auto")
     setting = str(setting).lower() if setting is not None else "auto"
-    if setting in ("false", "off", "0"):
+    if setting in ("false", "off", "0") or mode == "disabled":
         return False
     if setting in ("true", "on", "1"):
         if not installed():
@@ -65,8 +67,7 @@ def wanted(cfg) -> bool:
         return True
     if setting != "auto":
         raise ConfigError(f"wandb.enabled={setting!r} is not a switch; use auto, true or false.")
-    mode = os.environ.get("WANDB_MODE", "").strip().lower()
-    asked = bool(_command_line_keys()) or (mode != "" and mode != "disabled")
+    asked = bool(_command_line_keys()) or mode != ""
     return asked and installed()
 
 

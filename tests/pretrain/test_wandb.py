@@ -2,6 +2,7 @@
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def test_auto_is_on_only_when_asked(monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     assert not wandb_log.wanted(cfg())  # installed, but nobody asked
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert not wandb_log.wanted(cfg())
+    assert not wandb_log.wanted(cfg()) and not wandb_log.wanted(cfg(enabled=True))
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert wandb_log.wanted(cfg())
     assert not wandb_log.wanted(cfg(enabled=False))
@@ -96,7 +97,7 @@ def test_two_rank_run_logs_the_losses_of_metrics_jsonl(tmp_path, tmp_path_factor
                                                        monkeypatch):
     from tests.pretrain.test_train import train
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # on through the command line's keys
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     (tmp_path / "wb").mkdir()
@@ -104,7 +105,7 @@ def test_two_rank_run_logs_the_losses_of_metrics_jsonl(tmp_path, tmp_path_factor
     data = tmp_path_factory.mktemp("data")
     train(run, data, "trainer.deepspeed_config=zero2", "trainer.max_steps=4",
           "checkpointing.every_n_steps=1000", "wandb.name=tiny", "wandb.group=g",
-          "wandb.tags=[a,b]")
+          "wandb.tags=[a,b]", "+wandb.offline=true")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     (one,) = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))  # rank 0 only
@@ -115,16 +116,39 @@ def test_two_rank_run_logs_the_losses_of_metrics_jsonl(tmp_path, tmp_path_factor
         assert rows[r["step"]]["train/loss"] == r["loss"]
         assert rows[r["step"]]["train/lr"] == r["lr"]
         assert rows[r["step"]]["train/tokens"] == r["tokens"]
+    (file,) = one.glob("run-*.wandb")
+    (info,) = [r.run for r in read_records(file) if r.WhichOneof("record_type") == "run"]
+    assert (info.display_name, info.run_group, list(info.tags)) == ("tiny", "g", ["a", "b"])
+    assert info.project == "text-diffusion"
 
-    # a requeued start continues the same W&B run
-    train(run, data, "trainer.deepspeed_config=zero2", "trainer.max_steps=6",
-          "checkpointing.every_n_steps=1000", "wandb.name=tiny")
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+
+def test_a_requeued_start_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    """What train does through MetricsLog on rank 0, started twice in one run directory:
+    the second start (from a checkpoint at step 2) resumes the first's W&B run and does not
+    log the steps it already holds again."""
+    from pretrain.metrics import MetricsLog
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wb").mkdir()
+    config = OmegaConf.create({"wandb": {"enabled": "auto", "project": "p", "name": "n",
+                                         "id": None, "tags": ["t" * 100]}, "seed": 1})
+    for start, stop in ((0, 3), (2, 5)):
+        log = MetricsLog(tmp_path / "run", True, start, 5, 1000, config)
+        for step in range(start + 1, stop + 1):
+            log.log(step, {"loss": 1.0 / step + start, "lr": 0.1, "grad_norm": float("nan")})
+        log.log(stop, {"nll": 2.0}, prefix="val")
+        log.close()
+        time.sleep(1.1)  # offline run directories are named to the second
     first, second = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
-    assert first == one
-    resumed_id, rows = history(second)
-    assert resumed_id == run_id
-    assert sorted(rows) == [5, 6]
-    for r in records[4:]:
-        assert rows[r["step"]]["train/loss"] == r["loss"]
+    (id1, rows1), (id2, rows2) = history(first), history(second)
+    assert id1 == id2 == (tmp_path / "run" / wandb_log.ID_FILE).read_text().strip()
+    assert sorted(rows1) == [1, 2, 3] and sorted(rows2) == [3, 4, 5]
+    assert rows2[3]["train/loss"] == 1.0 / 3 + 2 and rows1[3]["train/loss"] == 1.0 / 3
+    assert rows2[5]["val/nll"] == 2.0 and "train/grad_norm" not in rows2[5]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+               .splitlines()]
+    train_losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert train_losses == {s: rows[s]["train/loss"] for rows in (rows1, rows2) for s in rows
+                            if (rows is rows2 or s <= 2)}
