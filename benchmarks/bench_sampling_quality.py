@@ -133,7 +133,7 @@ def plot(rows, path: Path) -> None:
     data = [r for r in rows if r["predictor"] == "data"]
     if data:
         ax.axhline(data[0]["gen_ppl"], color="gray", linestyle="--",
-                   label=f"validation data (entropy {data[0]['entropy']:.2f})")
+                   label=f"held-out train blocks (entropy {data[0]['entropy']:.2f})")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("network calls (NFE)")
