@@ -102,12 +102,14 @@ def test_the_sampler_refuses_them_too():
 
 
 def sample_eval(tmp_path, *overrides):
-    """mdlm mode=sample_eval with a checkpoint that does not exist: the sampling values
-    must be refused before it is looked for."""
+    """mdlm mode=sample_eval pointed at a file that is not a checkpoint: the sampling values
+    must be refused before it is read (reading it would fail with another message)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "not-a-checkpoint.ckpt").write_text("not a checkpoint\n")
     env = dict(os.environ, MDLM_DATA_DIR=str(tmp_path / "data"))
     return subprocess.run([sys.executable, "-m", "pretrain", "mode=sample_eval",
                            "data=builtin", "model.length=64",
-                           f"eval.checkpoint_path={tmp_path / 'no-such-checkpoint'}",
+                           f"eval.checkpoint_path={tmp_path / 'not-a-checkpoint.ckpt'}",
                            *overrides, f"hydra.run.dir={tmp_path}"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -120,7 +122,8 @@ def test_sample_eval_prints_one_line_and_exits_2(tmp_path, override, named):
     done = sample_eval(tmp_path, override)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr + done.stdout
-    assert named in done.stderr and "no-such-checkpoint" not in done.stderr
+    assert named in done.stderr and "not-a-checkpoint" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
