@@ -30,8 +30,11 @@ fi
 RUN_DIR=${RUN_DIR:-$PWD/outputs/$SLURM_JOB_NAME}
 mkdir -p "$RUN_DIR" logs
 # A run stopped by USR1/TERM saves, exits 0 and leaves $RUN_DIR/requeue: put the job back
-# in the queue (--requeue alone only covers preemption and node failure).
+# in the queue (--requeue alone only covers preemption and node failure). A job ended by
+# scancel or a preemption saves and leaves that file too, but its batch shell is killed
+# before it can act on it: clear it first, or this run would requeue after finishing.
 mdlm_srun() {
+    rm -f "$RUN_DIR/requeue"
     srun --kill-on-bad-exit=1 python -u -m pretrain hydra.run.dir="$RUN_DIR" "$@"
     if [ -f "$RUN_DIR/requeue" ]; then
         rm -f "$RUN_DIR/requeue"
