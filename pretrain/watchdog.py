@@ -131,7 +131,7 @@ def _stop(line: str, quiet: bool = False) -> None:
     if _state.get("ended") == "ok":
         return
     if not quiet:
-        print(f"mdlm: {line}", file=sys.stderr, flush=True)
+        print(f"\nmdlm: {line}", file=sys.stderr, flush=True)  # below a progress bar
     os._exit(EXIT_STATUS)
 
 
@@ -161,7 +161,7 @@ def _serve(server, world: int, timeout: float) -> None:
         if _state.get("ended") == "ok":
             return
         place = f" ({who[rank]})" if rank in who else ""
-        print(f"mdlm: rank {rank}{place} {reason}; stopping all {world} ranks. The next "
+        print(f"\nmdlm: rank {rank}{place} {reason}; stopping all {world} ranks. The next "
               "start resumes from the last published checkpoint.", file=sys.stderr,
               flush=True)
         with _state["lock"]:
@@ -216,14 +216,15 @@ def _serve(server, world: int, timeout: float) -> None:
                 for rank, sock in peers.items():
                     if rank not in done:
                         _send(sock, b"BEAT\n")
-        minutes = f"{timeout / 60:g} minute(s) (trainer.dead_rank_timeout_minutes)"
-        for rank in range(1, world):
-            if rank in done or rank in failed_at:
-                continue
-            last = heard.get(rank, started)
-            if now - last > (timeout if rank in heard else max(timeout, JOIN_SECONDS)):
-                verb = "never joined" if rank not in heard else "went silent"
-                dead(rank, f"{verb} for {minutes}: its node is lost or frozen")
+        silent = [r for r in range(1, world) if r not in done and r not in failed_at and
+                  now - heard.get(r, started) > (timeout if r in heard else
+                                                 max(timeout, JOIN_SECONDS))]
+        if silent and not selector.select(timeout=0):  # nothing unread either: this
+            # process may itself have been stopped, and what came meanwhile is read first
+            rank = silent[0]
+            verb = "never joined" if rank not in heard else "went silent"
+            dead(rank, f"{verb} for {timeout / 60:g} minute(s) "
+                       "(trainer.dead_rank_timeout_minutes): its node is lost or frozen")
 
 
 # ------------------------------------------------------------------------ ranks > 0
@@ -269,7 +270,7 @@ def _watch(address, rank: int, timeout: float) -> None:
                 elif word == "BYE":
                     return  # rank 0 finished: nothing left to watch
         now = time.monotonic()
-        if now - heard > timeout:
+        if now - heard > timeout and not selector.select(timeout=0):  # see _serve
             _stop(f"rank 0 went silent for {timeout / 60:g} minute(s) "
                   f"(trainer.dead_rank_timeout_minutes): its node is lost or frozen; rank "
                   f"{rank} stops.")

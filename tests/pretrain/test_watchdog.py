@@ -103,10 +103,11 @@ def test_a_frozen_rank_stops_the_others_after_the_timeout(tmp_path):
     try:
         code, text, seconds = finish(procs[0], timeout=60)
     finally:
-        procs[1].send_signal(signal.SIGKILL)
-        procs[1].wait()
+        procs[1].send_signal(signal.SIGCONT)  # it wakes to find rank 0 gone
     assert code != 0 and 2 < seconds < 20, (code, seconds, text)
     assert "rank 1" in text and "went silent" in text and "dead_rank_timeout_minutes" in text
+    code, text, _ = finish(procs[1], timeout=60)
+    assert code != 0 and "rank 0 died" in text and "went silent" not in text, text
 
 
 def test_a_busy_rank_is_not_taken_for_dead(tmp_path):
