@@ -57,11 +57,12 @@ for name, (directory, x, sigma) in inputs.items():
     assert not model.training
     modules[name] = sys.modules[type(model).__module__].__file__
     with torch.no_grad():
-        out[name] = model(x, timesteps=sigma)[0]
+        out[name] = model(x, timesteps=sigma)
+        assert isinstance(out[name], torch.Tensor)  # bare logits, as the release's code
         out[name + "/return_dict"] = model(x, timesteps=sigma, return_dict=True).logits
         if name == "ar":
             causal = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
-            out[name + "/causal"] = causal(x)[0]
+            out[name + "/causal"] = causal(x)
 torch.save(out, f"{work}/logits.pt")
 print(json.dumps(modules))
 """

@@ -8,7 +8,8 @@ exported ``model.safetensors`` loads as it is. Attention is PyTorch's SDPA; ever
 in the weights' dtype (float32 as exported).
 
     model = AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)
-    logits = model(input_ids, timesteps=sigma).logits   # (batch, length, vocab)
+    logits = model(input_ids, timesteps=sigma)   # (batch, length, vocab), as the release's
+    logits = model(input_ids, timesteps=sigma, return_dict=True).logits   # the same
 
 ``timesteps`` is sigma, the total noise of each sequence (ignored unless the model is time
 conditioned). The DiT returns logits; the causal transformer returns next-token
@@ -296,4 +297,5 @@ class MDLM(PreTrainedModel):
                                        output_hidden_states)
         if return_dict:
             return MaskedLMOutput(logits=logits, hidden_states=hidden)
-        return (logits, hidden) if output_hidden_states else (logits,)
+        # the release's remote code returns the bare logits: its hf_dit path relies on it
+        return (logits, hidden) if output_hidden_states else logits
