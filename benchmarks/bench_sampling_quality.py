@@ -123,6 +123,7 @@ def plot(rows, path: Path) -> None:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
     fig, ax = plt.subplots(figsize=(9, 6))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # thirteen predictors, distinct colours
     for name in dict.fromkeys(r["predictor"] for r in rows if r["predictor"] != "data"):
         points = sorted((r for r in rows if r["predictor"] == name), key=lambda r: r["nfe"])
         ax.plot([r["nfe"] for r in points], [r["gen_ppl"] for r in points], marker="o",
