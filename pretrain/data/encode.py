@@ -133,8 +133,8 @@ class Encoder:
             self._start_pool(procs, self.num_proc // procs)
         else:  # threads in this process (a single core for "processes" at num_proc=1)
             threads = self.num_proc if self.strategy != "processes" else 1
-            # Rust's threads on for the build only, then back as they were: a later fork
-            # (DataLoader workers) turns them off quietly instead of warning.
+            # Rust's threads on for the build only; after it they are off unless the user
+            # set them: a fork (DataLoader workers) with them on would deadlock in the child.
             self._env = {k: os.environ.get(k) for k in ("TOKENIZERS_PARALLELISM",
                                                         "RAYON_NUM_THREADS")}
             os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
@@ -149,11 +149,14 @@ class Encoder:
             self.threads = ThreadPoolExecutor(self.procs)
 
     def _start_pool(self, procs: int, threads: int) -> None:
+        """Spawned workers in a ``ProcessPoolExecutor``, which fails every pending batch
+        when a worker dies (killed, out of memory) instead of waiting for it for ever."""
         import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-        ctx = multiprocessing.get_context("spawn")
-        self.pool = ctx.Pool(procs, initializer=_init_worker,
-                             initargs=(self.tokenizer, threads))
+        self.pool = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_init_worker,
+                                        initargs=(self.tokenizer, threads))
         self.procs = procs
 
     def map(self, jobs, window: int | None = None):
@@ -165,8 +168,7 @@ class Encoder:
         pending = deque()
         for texts, wrap, block_size, extra in jobs:
             if self.pool is not None:
-                pending.append((self.pool.apply_async(_encode, ((texts, wrap, block_size),)),
-                                extra))
+                pending.append((self.pool.submit(_encode, (texts, wrap, block_size)), extra))
             else:
                 pending.append((self.threads.submit(self.codec, texts, wrap, block_size),
                                 extra))
@@ -177,21 +179,33 @@ class Encoder:
 
     @staticmethod
     def _result(item):
+        from concurrent.futures.process import BrokenProcessPool
+
         future, extra = item
-        return (future.get() if hasattr(future, "get") else future.result()), extra
+        try:
+            return future.result(), extra
+        except BrokenProcessPool:
+            from pretrain.data.sources import DataError
+
+            raise DataError("a tokenizer worker process died (killed, or out of memory) "
+                            "during the build; lower shards.num_proc or free memory and run "
+                            "again: the build resumes from its last finished shard.") from None
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            for process in list(getattr(self.pool, "_processes", {}).values()):
+                process.terminate()  # workers mid-batch are not waited for
+            self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
         if self.threads is not None:
             self.threads.shutdown()
             self.threads = None
-            for key, value in self._env.items():  # an unset TOKENIZERS_PARALLELISM stays set
+            for key, value in self._env.items():
                 if value is not None:
                     os.environ[key] = value
-                elif key == "RAYON_NUM_THREADS":
+                elif key == "TOKENIZERS_PARALLELISM":
+                    os.environ[key] = "false"  # off for forks, without tokenizers' warning
+                else:
                     os.environ.pop(key, None)
         self.codec = None
 

@@ -112,8 +112,25 @@ def test_one_encoder_serves_every_split_and_starts_once(tmp_path, bpe):
                   progress=False, encoder=encoder)
             if path == paths[0]:
                 pool = encoder.pool
-                pids = sorted(p.pid for p in pool._pool)
-        assert encoder.pool is pool and sorted(p.pid for p in pool._pool) == pids
+                pids = sorted(pool._processes)
+        assert encoder.pool is pool and sorted(pool._processes) == pids
+
+
+def test_a_killed_worker_stops_the_build_instead_of_hanging_it(bpe):
+    import os
+    import signal
+    import time
+
+    from pretrain.data.sources import DataError
+
+    jobs = ((["some text to encode"] * 50, True, L, i) for i in range(10_000))
+    started = time.monotonic()
+    with Encoder(bpe, 2, "processes") as encoder:
+        with pytest.raises(DataError, match="tokenizer worker process died"):
+            for _, i in encoder.map(jobs):
+                if i == 3:  # as the OOM killer would
+                    os.kill(next(iter(encoder.pool._processes)), signal.SIGKILL)
+    assert time.monotonic() - started < 60
 
 
 def test_the_build_streams_its_source(tmp_path):
@@ -158,3 +175,18 @@ def test_local_files_count_and_resume_as_the_whole_list(tmp_path):
         assert corpus_.cheap_len() in (None, len(whole))
     assert read_local(tmp_path / "p.txt") == ["w1 w2", "w3\nw4", "w5\n \nü"]
     assert read_local(tmp_path / "r.jsonl") == docs
+
+
+def test_tokenizer_threads_are_off_after_a_build_for_later_forks(bpe, monkeypatch):
+    import os
+
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    with Encoder(bpe, 2, "threads") as encoder:
+        list(encoder.map([(["a b c"], True, L, 0)]))
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    # a fork with Rust's threads on would deadlock in the child when it tokenizes
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # the user's own choice stays
+    with Encoder(bpe, 2, "threads") as encoder:
+        list(encoder.map([(["a b c"], True, L, 0)]))
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
