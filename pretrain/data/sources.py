@@ -215,9 +215,7 @@ def _count_docs(path: Path, whole_files: bool) -> int:
     if whole_files and path.suffix == ".txt":
         return 1
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(path).metadata.num_rows
+        return _parquet_file(path).metadata.num_rows
     if path.suffix == ".jsonl":
         with open(path, "rb") as f:
             return sum(1 for line in f if line.strip())
@@ -306,19 +304,34 @@ def _text_field(row, path: Path, where: str) -> str:
     return text
 
 
-def _parquet_texts(path: Path) -> Iterator[str]:
+def _unreadable_parquet(path: Path, err: Exception) -> DataError:
+    return DataError(f"{path} is not a readable parquet file ({type(err).__name__}); "
+                     "rewrite it with pyarrow or use .jsonl.")
+
+
+def _parquet_file(path: Path):
     import pyarrow.parquet as pq
 
     try:
-        table = pq.ParquetFile(path)
-    except Exception as err:  # not a parquet file
-        raise DataError(f"{path} is not a readable parquet file ({type(err).__name__}); "
-                        "rewrite it with pyarrow or use .jsonl.") from None
+        return pq.ParquetFile(path)
+    except Exception as err:  # not a parquet file, or its footer is damaged
+        raise _unreadable_parquet(path, err) from None
+
+
+def _parquet_texts(path: Path) -> Iterator[str]:
+    table = _parquet_file(path)
     columns = table.schema_arrow.names
     if "text" not in columns:
         raise DataError(f"{path} has no 'text' column (columns: {columns}); rename the "
                         "column holding the documents to 'text'.")
-    for batch in table.iter_batches(batch_size=1000, columns=["text"]):
+    batches = table.iter_batches(batch_size=1000, columns=["text"])
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as err:  # a damaged page
+            raise _unreadable_parquet(path, err) from None
         yield from (str(t) for t in batch.column(0).to_pylist())
 
 

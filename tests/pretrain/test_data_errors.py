@@ -56,6 +56,8 @@ MISTAKES = {
                            ["body.jsonl", "line 2", "'text' field"]),
     "parquet without text": (lambda d: parquet_without_text(d / "body.parquet"),
                              ["body.parquet", "no 'text' column", "['body']"]),
+    "damaged parquet": (lambda d: write(d / "cut.parquet", b"PAR1" + b"\0" * 64),
+                        ["cut.parquet", "not a readable parquet file"]),
     "not a data file": (lambda d: write(d / "corpus.csv", b"text\nhello\n"),
                         ["corpus.csv", "is not a"]),
 }
