@@ -90,13 +90,15 @@ def save(engine, checkpoint_dir: Path, step: int, run_state: dict, ema, keep_las
     before anything is published."""
     checkpoint_dir = Path(checkpoint_dir)
     tag = tag_for(step)
-    previous = latest_tag(checkpoint_dir)
+    rank = D.rank()
+    previous = None
+    if rank == 0:  # one view of the directory for every rank
+        previous = latest_tag(checkpoint_dir)
+        if previous != tag and (checkpoint_dir / tag).exists():
+            shutil.rmtree(checkpoint_dir / tag)  # the remains of a save that never published
+    previous = D.broadcast(previous)
     if previous == tag:
         return tag  # published already: a published checkpoint is never written again
-    rank = D.rank()
-    if rank == 0 and (checkpoint_dir / tag).exists():
-        shutil.rmtree(checkpoint_dir / tag)  # the remains of a save that never published
-    D.barrier()
     try:
         engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
         per_rank = {"rng": rng_state()}
@@ -214,6 +216,24 @@ def _set_aside(checkpoint_dir: Path, tag: str) -> None:
         target, n = checkpoint_dir / f"{DAMAGED}{tag}.{n}", n + 1
     os.replace(source, target)
     log.warning("set the damaged checkpoint %s aside as %s.", source, target.name)
+
+
+def set_aside_for_a_new_run(checkpoint_dir: Path) -> Path | None:
+    """A run that does not resume (``checkpointing.resume_from_ckpt=False``) in a directory
+    holding another run's checkpoints moves them aside (``checkpoints.replaced-<time>``)
+    rather than mixing its checkpoints with theirs; returns where they went."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir() or not any(checkpoint_dir.iterdir()):
+        return None
+    import time
+
+    target = checkpoint_dir.with_name(
+        f"{checkpoint_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while target.exists():
+        target, n = target.with_name(f"{target.name}.{n}"), n + 1
+    os.replace(checkpoint_dir, target)
+    return target
 
 
 def _tags(checkpoint_dir: Path) -> list[str]:

@@ -122,6 +122,13 @@ def run(cfg):
     tokenizer = tokenizer_for(cfg)
     model_config = model_config_for(cfg, tokenizer)
     tag = checkpointing.resume_tag(checkpoint_dir) if cfg.checkpointing.resume_from_ckpt else None
+    if not cfg.checkpointing.resume_from_ckpt and rank == 0:
+        moved = checkpointing.set_aside_for_a_new_run(checkpoint_dir)
+        if moved is not None:
+            log.warning("checkpointing.resume_from_ckpt=False: the checkpoints already in %s "
+                        "were moved to %s so this run's are not mixed with them.",
+                        checkpoint_dir, moved)
+    D.barrier()
     if tag is not None:
         check_resume(json.loads((checkpoint_dir / tag / checkpointing.RUN_FILE).read_text()),
                      model_config, checkpoint_dir / tag, ds_cfg, world)

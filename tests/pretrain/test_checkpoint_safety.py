@@ -170,3 +170,14 @@ def test_a_failed_save_at_any_write_leaves_the_last_checkpoint_intact(tmp_path):
         assert r["message"].startswith("saving checkpoint step_0000002 in ")
         assert "No space left on device" in r["message"]
         assert "latest still names step_0000001, which is untouched" in r["message"]
+
+
+def test_a_new_run_moves_another_runs_checkpoints_aside(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    publish(checkpoints, 4, FILES)
+    moved = C.set_aside_for_a_new_run(checkpoints)
+    assert moved.name.startswith("checkpoints.replaced-") and not checkpoints.exists()
+    assert (moved / "step_0000004" / "rank_00000.pt").is_file()
+    assert C.resume_tag(checkpoints) is None  # the new run's saves start afresh
+    checkpoints.mkdir()
+    assert C.set_aside_for_a_new_run(checkpoints) is None  # nothing to move
