@@ -51,10 +51,11 @@ def check_minutes(minutes) -> float:
     from pretrain.ds_config import RunConfigError
 
     minutes = DEFAULT_MINUTES if minutes is None else float(minutes)
-    if not minutes > 0:
+    if not minutes >= 0:
         raise RunConfigError(
-            f"trainer.dead_rank_timeout_minutes={minutes:g} must be positive: it is how long "
-            f"a silent rank may go before the job stops (default {DEFAULT_MINUTES:g}).")
+            f"trainer.dead_rank_timeout_minutes={minutes:g} must be positive (how long a "
+            f"silent rank may go before the job stops; default {DEFAULT_MINUTES:g}), or 0 to "
+            "turn the watchdog off.")
     return minutes
 
 
@@ -62,7 +63,7 @@ def start(rank: int, world: int, minutes: float | None, share) -> None:
     """Starts this rank's side of the monitor. ``share(value)`` returns rank 0's value on
     every rank (a broadcast over the process group), used once to publish its address."""
     timeout = check_minutes(minutes) * 60
-    if world < 2 or _state:
+    if world < 2 or _state or timeout == 0:  # 0: off (collectives' own timeout only)
         return
     if rank == 0:
         server = socket.create_server(("", 0))
@@ -77,8 +78,8 @@ def start(rank: int, world: int, minutes: float | None, share) -> None:
     else:
         target, args = _watch, (address, rank, timeout)
     os.register_at_fork(after_in_child=_forget_in_child)
-    thread = threading.Thread(target=target, args=args, name="mdlm-rank-watchdog",
-                              daemon=True)
+    thread = threading.Thread(target=_guarded, args=(target, *args),
+                              name="mdlm-rank-watchdog", daemon=True)
     _state["thread"] = thread
     thread.start()
 
@@ -102,6 +103,20 @@ def leave(ok: bool) -> None:
                 _send(sock, message)
     if not ok and _state["rank"] == 0:
         time.sleep(0.2)  # the word reaches the others before this process is gone
+
+
+def _guarded(target, *args) -> None:
+    """Runs one side of the watchdog; if it fails (a bug), the job goes on unwatched: the
+    others are told to stop watching, and nobody is stopped for it."""
+    try:
+        target(*args)
+    except Exception as err:  # noqa: BLE001  (the thread must never take the job down)
+        print(f"\nmdlm: note: the rank watchdog stopped ({type(err).__name__}: {err}); the "
+              "job goes on without it.", file=sys.stderr, flush=True)
+        with _state.get("lock") or threading.Lock():
+            for sock in list(_state.get("peers", {}).values()) + [_state.get("conn")]:
+                if sock is not None:
+                    _send(sock, b"BYE\n")  # rank 0: stop watching me; others: I am done
 
 
 def _forget_in_child() -> None:
@@ -198,6 +213,8 @@ def _serve(server, world: int, timeout: float) -> None:
                 word, _, rest = line.partition(" ")
                 if word == "HELLO":
                     rank_text, _, place = rest.partition(" ")
+                    if not rank_text.isdigit() or not 0 < int(rank_text) < world:
+                        continue  # not one of this job's ranks
                     rank = by_socket[sock] = int(rank_text)
                     peers[rank], who[rank] = sock, place
                 elif word == "BYE" and rank is not None:

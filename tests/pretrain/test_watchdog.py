@@ -31,11 +31,17 @@ WORKER = textwrap.dedent("""
             until = time.monotonic() + 4 * minutes * 60  # CPU-bound, holding the GIL by turns
             while time.monotonic() < until:
                 sum(range(1000))
+        if mode == "stranger" and D.rank() == 0:  # garbage on the monitor's port
+            import socket
+            port = watchdog._state["sockets"][0].getsockname()[1]
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(b"HELLO x\\nHELLO 99 y\\nnonsense\\n")
+                time.sleep(0.5)
         if mode == "error" and D.rank() == 1:
             print("mdlm: a user error", file=sys.stderr, flush=True)
             raise SystemExit(2)
         steps = 0
-        while mode != "busy" or steps < 20:
+        while mode == "loop" or steps < (400 if mode == "stranger" else 20):
             D.all_reduce(torch.ones(1))
             steps += 1
             time.sleep(0.01)
@@ -115,6 +121,13 @@ def test_a_busy_rank_is_not_taken_for_dead(tmp_path):
     for p in procs:
         code, text, _ = finish(p, timeout=60)
         assert code == 0 and "finished" in text and "died" not in text, text
+
+
+def test_a_stranger_on_the_port_changes_nothing(tmp_path):
+    procs = start(tmp_path, "stranger", minutes=0.02)  # 400 steps: over 4x the timeout
+    for p in procs:
+        code, text, _ = finish(p, timeout=60)
+        assert code == 0 and "finished" in text and "mdlm:" not in text, text
 
 
 def test_a_rank_that_stops_on_an_error_stops_the_others(tmp_path):
