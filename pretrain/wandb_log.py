@@ -5,9 +5,9 @@ TensorBoard and ``metrics.jsonl`` stay the default and are always written. W&B j
 when ``wandb`` is importable and ``wandb.enabled`` says so:
 
 - ``auto`` (the default): on when the command line sets any ``wandb.*`` key (the MDLM
-  release's ``wandb.project=...``, ``wandb.name=...``, ``+wandb.offline=true`` ...) or the
-  environment sets ``WANDB_MODE``; otherwise off, so an installed ``wandb`` never starts
-  logging for someone who did not ask for it;
+  release's ``wandb.project=...``, ``wandb.name=...``, ``+wandb.offline=true`` ...);
+  otherwise off, so an installed ``wandb`` (or a ``WANDB_MODE`` a cluster exports for
+  everyone) never starts logging for someone who did not ask for it;
 - ``true``: on (an error if ``wandb`` is not installed); ``false``: off.
 ``WANDB_MODE=disabled`` turns it off whatever the setting.
 
@@ -15,7 +15,8 @@ The release's keys map onto ``wandb.init``: ``project``, ``name``, ``group``, ``
 ``notes``, ``job_type``, ``id``, and ``+wandb.offline=true`` (``mode="offline"``; so does
 ``WANDB_MODE=offline``). The run's id (``wandb.id``, or one generated at the first start)
 is kept in ``<run dir>/wandb_id``, and a run resumed after a requeue continues the same W&B
-run (``resume="allow"``). W&B's files go to ``WANDB_DIR`` or else the run directory.
+run (``resume="allow"``); a run that starts from step 0 gets a new id. W&B's files go to
+``WANDB_DIR`` or else the run directory.
 """
 
 from __future__ import annotations
@@ -67,17 +68,16 @@ def wanted(cfg) -> bool:
         return True
     if setting != "auto":
         raise ConfigError(f"wandb.enabled={setting!r} is not a switch; use auto, true or false.")
-    asked = bool(_command_line_keys()) or mode != ""
-    return asked and installed()
+    return bool(_command_line_keys()) and installed()
 
 
-def run_id(block, run_dir: Path) -> str:
-    """The configured ``wandb.id``, else the one saved by an earlier start of this run,
-    else a new one; saved (atomically) in the run directory either way."""
+def run_id(block, run_dir: Path, resumed: bool = True) -> str:
+    """The configured ``wandb.id``, else the one saved by an earlier start of this run when
+    it ``resumed``, else a new one; saved (atomically) in the run directory either way."""
     from pretrain.data.shards import atomic_write_bytes
 
     path = Path(run_dir) / ID_FILE
-    saved = path.read_text().strip() if path.is_file() else ""
+    saved = path.read_text().strip() if path.is_file() and resumed else ""
     chosen = str(block.get("id") or "") or saved or "".join(
         secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     if chosen != saved:
@@ -101,7 +101,8 @@ class WandbLog:
         settings = dict(
             project=block.get("project"), name=block.get("name"), group=block.get("group"),
             job_type=block.get("job_type"), notes=block.get("notes"), tags=tags,
-            id=run_id(block, run_dir), resume="allow", mode=mode,
+            id=run_id(block, run_dir, resumed=int(start_step) > 0), resume="allow",
+            mode=mode,
             dir=None if os.environ.get("WANDB_DIR") else str(run_dir),
             config=OmegaConf.to_container(cfg, resolve=True))
         try:

@@ -4,7 +4,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # ... nor Weights & Biases: commands that carry the release's wandb.* keys do not log there
 # (the W&B tests set WANDB_MODE=offline themselves).
-os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The tests run on the CPU, also on a GPU machine: their exact assertions (bit-for-bit resume,
 # ZeRO-3 against ZeRO-2) hold on the CPU only, and their ranks must not share a GPU. Set

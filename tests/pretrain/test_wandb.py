@@ -69,13 +69,13 @@ def test_auto_is_on_only_when_asked(monkeypatch):
     assert not wandb_log.wanted(cfg())  # installed, but nobody asked
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert not wandb_log.wanted(cfg()) and not wandb_log.wanted(cfg(enabled=True))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    assert wandb_log.wanted(cfg())
-    assert not wandb_log.wanted(cfg(enabled=False))
+    monkeypatch.setenv("WANDB_MODE", "online")  # exported for everyone on a cluster
+    assert not wandb_log.wanted(cfg())
     monkeypatch.delenv("WANDB_MODE")
     assert wandb_log.wanted(cfg(enabled=True))
     monkeypatch.setattr(wandb_log, "_command_line_keys", lambda: ["wandb.name"])
     assert wandb_log.wanted(cfg())
+    assert not wandb_log.wanted(cfg(enabled=False))
     monkeypatch.setattr(wandb_log, "installed", lambda: False)
     assert not wandb_log.wanted(cfg())  # the release's keys then only get the notice
     with pytest.raises(ConfigError, match="needs the wandb package"):
@@ -90,6 +90,8 @@ def test_run_id_is_kept_in_the_run_dir(tmp_path):
     assert wandb_log.run_id(cfg()["wandb"], tmp_path) == first  # a requeued start
     assert wandb_log.run_id(cfg(id="mine")["wandb"], tmp_path) == "mine"  # wandb.id wins
     assert wandb_log.run_id(cfg()["wandb"], tmp_path) == "mine"
+    fresh = wandb_log.run_id(cfg()["wandb"], tmp_path, resumed=False)  # a new run, same dir
+    assert fresh != "mine" and (tmp_path / wandb_log.ID_FILE).read_text().strip() == fresh
 
 
 @pytest.mark.slow
@@ -132,7 +134,7 @@ def test_a_requeued_start_continues_the_same_wandb_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     (tmp_path / "wb").mkdir()
-    config = OmegaConf.create({"wandb": {"enabled": "auto", "project": "p", "name": "n",
+    config = OmegaConf.create({"wandb": {"enabled": True, "project": "p", "name": "n",
                                          "id": None, "tags": ["t" * 100]}, "seed": 1})
     for start, stop in ((0, 3), (2, 5)):
         log = MetricsLog(tmp_path / "run", True, start, 5, 1000, config)
