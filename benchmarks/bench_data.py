@@ -153,9 +153,13 @@ def _rss(pid: int) -> int:
 def timed(cmd: list[str], env: dict) -> dict:
     """Runs ``cmd`` to exit: wall seconds, peak summed RSS of its process tree, and the
     largest single process's peak RSS (rusage)."""
+    import tempfile
+
+    # output goes to files, not pipes: a child writing more than a pipe holds (progress
+    # bars of a large corpus) would block while nobody reads the pipe until it exits
+    out_file, err_file = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out_file, stderr=err_file)
     peak = 0
     while True:
         done, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -165,7 +169,11 @@ def timed(cmd: list[str], env: dict) -> dict:
         time.sleep(0.02)
     seconds = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
-    stdout, stderr = proc.stdout.read().decode(), proc.stderr.read().decode()
+    out_file.seek(0)
+    err_file.seek(0)
+    stdout, stderr = out_file.read().decode(), err_file.read().decode()
+    out_file.close()
+    err_file.close()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
     return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,

@@ -60,6 +60,16 @@ def run_tokenizer(pretrained: str) -> str | None:
     return None
 
 
+def _flag(value, name: str) -> bool:
+    """A switch from ``model_args`` (the harness passes True/False, Python callers may pass
+    strings)."""
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise UserError(f"model_args {name}={value} is not a switch; use true or false.")
+        return value.lower() in ("true", "1")
+    return bool(value)
+
+
 class MDLMHarness(LM):
     def __init__(self, pretrained: str, tokenizer: str | None = None, mc_samples: int = 32,
                  mc_batch_size: int = 32, device: str | None = None, seed: int = 0,
@@ -83,8 +93,9 @@ class MDLMHarness(LM):
         self.tokenizer = get_tokenizer(tokenizer or run_tokenizer(pretrained) or "gpt2",
                                        cache_dir)
         overrides = {k: options[k] for k in MODEL_OVERRIDES if k in options}
-        self.model = load_pretrained(pretrained, use_ema=bool(use_ema), device=self._device,
-                                     trust=bool(trust), **overrides).eval()
+        self.model = load_pretrained(pretrained, use_ema=_flag(use_ema, "use_ema"),
+                                     device=self._device, trust=_flag(trust, "trust"),
+                                     **overrides).eval()
         ids = tokenizer_ids(self.tokenizer)
         if (ids["vocab_size"], ids["mask_index"]) != (self.model.vocab_size,
                                                       self.model.mask_index):
