@@ -36,6 +36,7 @@ def build_spec(cfg, kind: str) -> BuildSpec:
         num_proc=int(shard_cfg.get("num_proc", 1)),
         wrap_group_docs=int(shard_cfg.get("wrap_group_docs", 1000)),
         wrap_group_procs=int(shard_cfg.get("wrap_group_procs", 1)),
+        tokenize=str(shard_cfg.get("tokenize", "auto")),
     )
 
 

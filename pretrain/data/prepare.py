@@ -58,6 +58,7 @@ class BuildSpec:
     batch_docs: int = 256  # documents per tokenizing job: bounds the memory in flight
     wrap_group_docs: int = 1_000  # 0: the whole split is one group
     wrap_group_procs: int = 1
+    tokenize: str = "auto"  # where tokenizing runs (pretrain.data.encode); bytes are the same
 
 
 def block_size_for(dataset: str, split: str, length: int) -> int:
@@ -154,12 +155,14 @@ def build(spec: BuildSpec, tokenizer, progress: bool = True, stop_after=None,
     if (directory / fmt.META).is_file():
         return directory
     if encoder is None:
-        with Encoder(tokenizer, spec.num_proc) as encoder:
+        with Encoder(tokenizer, spec.num_proc, spec.tokenize) as encoder:
             return build(spec, tokenizer, progress, stop_after, encoder)
     from tqdm import tqdm
 
     directory.mkdir(parents=True, exist_ok=True)
-    params = asdict(spec) | {"num_proc": None, "vocab_hash": vocab_hash(tokenizer)}
+    # what decides the shards' bytes (not how many cores or which way made them)
+    params = asdict(spec) | {"num_proc": None, "tokenize": None,
+                             "vocab_hash": vocab_hash(tokenizer)}
     state = {"params": params, "docs_done": 0, "carry": [], "shards": []}
     if (directory / PROGRESS).is_file():
         saved = json.loads((directory / PROGRESS).read_text())
@@ -308,8 +311,7 @@ def _main(cfg) -> None:
     tokenizer = tokenizer_for(cfg)
     summary = {}
     specs = {kind: build_spec(cfg, kind) for kind in ("train", "valid")}
-    with Encoder(tokenizer, specs["train"].num_proc,
-                 str(cfg.get("shards", {}).get("tokenize", "auto"))) as encoder:
+    with Encoder(tokenizer, specs["train"].num_proc, specs["train"].tokenize) as encoder:
         for kind, spec in specs.items():  # one set of workers for every split
             started = time.perf_counter()
             directory = ensure_shards(spec, tokenizer, encoder=encoder)
