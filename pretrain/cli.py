@@ -136,6 +136,18 @@ def dispatch(cfg: DictConfig):
         raise UsageError(str(err)) from None
     finally:
         watchdog.leave(ok)  # the other ranks learn whether this one ended well
+        if ok:
+            _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Takes the process group down before the interpreter exits: left to the exit's own
+    clean-up, its threads can abort the process ("terminate called without an active
+    exception") after a run that finished well."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # Keys of the release that do (almost) nothing here: accepted, with a one-line notice.
