@@ -211,9 +211,7 @@ def _set_aside(checkpoint_dir: Path, tag: str) -> None:
     source = checkpoint_dir / tag
     if not source.exists():
         return
-    target, n = checkpoint_dir / f"{DAMAGED}{tag}", 1
-    while target.exists():
-        target, n = checkpoint_dir / f"{DAMAGED}{tag}.{n}", n + 1
+    target = _unused(checkpoint_dir / f"{DAMAGED}{tag}")
     os.replace(source, target)
     log.warning("set the damaged checkpoint %s aside as %s.", source, target.name)
 
@@ -227,12 +225,17 @@ def set_aside_for_a_new_run(checkpoint_dir: Path) -> Path | None:
         return None
     import time
 
-    target = checkpoint_dir.with_name(
-        f"{checkpoint_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    n = 1
-    while target.exists():
-        target, n = target.with_name(f"{target.name}.{n}"), n + 1
+    target = _unused(checkpoint_dir.with_name(
+        f"{checkpoint_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
     os.replace(checkpoint_dir, target)
+    return target
+
+
+def _unused(path: Path) -> Path:
+    """``path``, or ``path.1``, ``path.2`` ... when it is taken."""
+    target, n = path, 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.{n}"), n + 1
     return target
 
 

@@ -61,12 +61,8 @@ class Stop:
 
 def run_dir_of(cfg) -> Path:
     """The run directory, identical on every rank (rank 0's wins)."""
-    path = str(Path(str(cfg.checkpointing.save_dir)).expanduser().resolve())
-    if D.world_size() > 1:
-        box = [path]
-        torch.distributed.broadcast_object_list(box, src=0)
-        path = box[0]
-    return Path(path)
+    return Path(D.broadcast(str(Path(str(cfg.checkpointing.save_dir)).expanduser()
+                                .resolve())))
 
 
 def model_config_for(cfg, tokenizer):

@@ -96,11 +96,7 @@ def leave(ok: bool) -> None:
     if not ok:
         time.sleep(EXPLAIN_SECONDS)
     _state["ended"] = "ok" if ok else "failed"
-    message = b"BYE\n" if ok else b"FAIL\n"
-    with _state["lock"]:
-        for sock in list(_state.get("peers", {}).values()) + [_state.get("conn")]:
-            if sock is not None:
-                _send(sock, message)
+    _tell_all(b"BYE\n" if ok else b"FAIL\n")
     if not ok and _state["rank"] == 0:
         time.sleep(0.2)  # the word reaches the others before this process is gone
 
@@ -113,10 +109,16 @@ def _guarded(target, *args) -> None:
     except Exception as err:  # noqa: BLE001  (the thread must never take the job down)
         print(f"\nmdlm: note: the rank watchdog stopped ({type(err).__name__}: {err}); the "
               "job goes on without it.", file=sys.stderr, flush=True)
-        with _state.get("lock") or threading.Lock():
-            for sock in list(_state.get("peers", {}).values()) + [_state.get("conn")]:
-                if sock is not None:
-                    _send(sock, b"BYE\n")  # rank 0: stop watching me; others: I am done
+        _tell_all(b"BYE\n")  # rank 0: stop watching me; others: I am done
+
+
+def _tell_all(message: bytes) -> None:
+    """``message`` to every connection this rank holds: rank 0's to each other rank, or
+    another rank's to rank 0."""
+    with _state.get("lock") or threading.Lock():
+        for sock in list(_state.get("peers", {}).values()) + [_state.get("conn")]:
+            if sock is not None:
+                _send(sock, message)
 
 
 def _forget_in_child() -> None:
