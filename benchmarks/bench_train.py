@@ -248,8 +248,12 @@ def optimizer_suite(args) -> dict:
 
 
 # ---------------------------------------------------------------------- gpu suite
-def engine_throughput(size: str, batch: int, args, compiled: bool) -> dict:
-    """tokens/s, MFU and peak memory of DeepSpeed training steps (masked path) at ``batch``."""
+def engine_throughput(size: str, batch: int, args, compiled: bool,
+                      precision: str | None = None) -> dict:
+    """tokens/s, MFU and peak memory of DeepSpeed training steps (masked path) at ``batch``;
+    ``precision`` one of ``32``, ``bf16`` (fp32 engine, bf16 autocast: the release's) and
+    ``bf16-deepspeed`` (DeepSpeed's bf16 engine)."""
+    precision = precision or args.precision
     import deepspeed
 
     from pretrain import distributed as D
@@ -258,7 +262,7 @@ def engine_throughput(size: str, batch: int, args, compiled: bool) -> dict:
     device = D.device()
     config = ModelConfig(**ARCHITECTURES[size], length=args.length, dropout=0.1,
                          vocab_size=args.vocab, mask_index=args.vocab - 1,
-                         autocast="bf16" if args.precision == "bf16" else "off",
+                         autocast="off" if precision == "32" else "bf16",
                          attn_backend=args.attn, compile=compiled,
                          loss_path=args.loss_path)
     torch.manual_seed(0)
@@ -276,6 +280,8 @@ def engine_throughput(size: str, batch: int, args, compiled: bool) -> dict:
     ds = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch,
           "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
           "zero_optimization": {"stage": args.zero}, "steps_per_print": 10**9}
+    if precision == "bf16-deepspeed":
+        ds["bf16"] = {"enabled": True}
     if device.type == "cuda":
         from deepspeed.ops.adam import FusedAdam
 
@@ -298,12 +304,17 @@ def engine_throughput(size: str, batch: int, args, compiled: bool) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - began) / args.steps
-    result = {"model": size, "batch": batch, "compiled": compiled,
+    result = {"model": size, "batch": batch, "compiled": compiled, "precision": precision,
               "seconds_per_step": seconds, "tokens_per_s": batch * args.length / seconds,
               "peak_memory_gib": (peak_since(device, start) + start) / 2**30}
     peak = peak_flops()
     if peak:
+        # dense count (every position projected), and the FLOPs this path computes: the
+        # output layer at the masked half of the positions, on average
         result["mfu"] = result["tokens_per_s"] * flops_per_token(config) / peak
+        if args.loss_path == "masked":
+            result["mfu_computed"] = (result["tokens_per_s"]
+                                      * flops_per_token(config, output_fraction=0.5) / peak)
     return result
 
 
@@ -350,9 +361,19 @@ def gpu_suite(args) -> dict:
                     batch //= 2
                 finally:
                     _release_memory()
+        for other in filter(None, args.also_precision.split(",")):
+            try:  # uncompiled, at the batch found
+                runs.append(engine_throughput(size, plain["batch"], args, False, other))
+            except torch.OutOfMemoryError:
+                print(f"{size:>7} precision={other}: batch {plain['batch']} does not fit",
+                      flush=True)
+            finally:
+                _release_memory()
         for r in runs:
             mfu = f"  MFU {r['mfu']:.1%}" if "mfu" in r else ""
-            print(f"{size:>7} compiled={r['compiled']}: batch {r['batch']}  "
+            if "mfu_computed" in r:
+                mfu += f" (of FLOPs computed: {r['mfu_computed']:.1%})"
+            print(f"{size:>7} {r['precision']} compiled={r['compiled']}: batch {r['batch']}  "
                   f"{r['tokens_per_s']:,.0f} tokens/s{mfu}  peak {r['peak_memory_gib']:.1f} GiB",
                   flush=True)
         rows += runs
@@ -386,7 +407,10 @@ def main():
     parser.add_argument("--optimizer-steps", type=int, default=5)
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--zero", type=int, default=1)
-    parser.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "32")
+    parser.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "32",
+                        choices=["32", "bf16", "bf16-deepspeed"])
+    parser.add_argument("--also-precision", default="",
+                        help="gpu suite: these precisions too, uncompiled, at the batch found")
     parser.add_argument("--attn", default="sdpa", choices=["auto", "sdpa", "flash"])
     parser.add_argument("--compile", default="both", choices=["both", "no"])
     parser.add_argument("--loss-path", default="masked", choices=["masked", "full"])

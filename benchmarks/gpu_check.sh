@@ -9,15 +9,20 @@
 #
 # Prints, as JSON lines (also appended to $OUT/gpu_check.jsonl, or /tmp/gpu_check.jsonl):
 #   1. tokens/s, MFU and peak memory of MDLM small at L=1024 in bf16 (SDPA) through the
-#      DeepSpeed engine, compiled and not, at the largest micro-batch that fits;
-#   2. the masked-only loss path against the full-logits path (speed, peak memory), SUBS and AR;
+#      DeepSpeed engine, compiled and not, at the largest micro-batch that fits; DeepSpeed's
+#      bf16 engine (trainer.precision=bf16-deepspeed) at that batch too;
+#   2. the masked-only loss path against the full-logits path (speed, peak memory), SUBS and
+#      AR, and the masked path with activation checkpointing;
 #   3. bf16 against fp32 logits on the same weights;
-#   4. text8-crop with a generator on the device; validation sampling at the release's
-#      per-GPU batch (64 x 1024 x 50258) with its peak memory; host synchronizations per step;
-#   5. a one-GPU training run that is killed, resumes, and logs the losses of an
+#   4. a one-GPU training run that is killed, resumes, and logs the losses of an
 #      uninterrupted run (within a tolerance: CUDA reductions are not deterministic);
+#   5. host synchronizations per step; text8-crop with a generator on the device;
+#      validation sampling at the release's per-GPU batch (64 x 1024 x 50258) with its
+#      peak memory;
 #   6. fp16 training (loss-scaled) for a few steps.
-# Exits non-zero when a check fails; every step still runs.
+# The whole output goes to $OUT/gpu_check.log. Steps run in that order within a budget
+# (GPU_CHECK_BUDGET, 480 s); a step it no longer covers is skipped and counted as failed.
+# Exits non-zero when a check fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -25,9 +30,17 @@ DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 PY=${PY:-python3}
 LOG=${OUT:-/tmp}/gpu_check.jsonl
+FULL_LOG=${OUT:-/tmp}/gpu_check.log  # every step's whole output
 WORK=$(mktemp -d)
 : > "$LOG"
+: > "$FULL_LOG"
 failed=0
+# the whole script's budget in seconds: a step gets what is left of it (or its own limit,
+# if smaller) and is skipped, counted as failed, when under 15 s are left
+BUDGET=${GPU_CHECK_BUDGET:-480}
+STARTED=$SECONDS
+left() { echo $(( BUDGET - (SECONDS - STARTED) )); }
+limit_of() { local l; l=$(left); [ "$1" -lt "$l" ] && l=$1; echo "$l"; }
 
 # what the image lacks, from the wheels in .whl/ (pure Python, or built for its Python)
 if [ -d .whl ] && ! "$PY" -c "import deepspeed, hydra, omegaconf" 2>/dev/null; then
@@ -51,10 +64,15 @@ then
 fi
 
 step() {  # step <name> <seconds> <command...>: runs, keeps JSON lines, records a failure
-    local name=$1 limit=$2; shift 2
-    echo "== $name"
+    local name=$1 limit; limit=$(limit_of "$2"); shift 2
+    echo "== $name ($(( SECONDS - STARTED )) s in, limit ${limit} s)"
+    if [ "$limit" -lt 15 ]; then
+        echo "gpu_check: step '$name' skipped: the budget of $BUDGET s is spent"; failed=1
+        return
+    fi
     timeout "$limit" "$@" > "$WORK/step.out" 2>&1
     local rc=$?
+    { echo "== $name (exit $rc)"; cat "$WORK/step.out"; } >> "$FULL_LOG"
     grep -v -i -E "warn|^\[20" "$WORK/step.out" | tail -n 12
     grep '^{' "$WORK/step.out" >> "$LOG"
     if [ "$rc" -ne 0 ]; then
@@ -65,14 +83,14 @@ step() {  # step <name> <seconds> <command...>: runs, keeps JSON lines, records 
 
 if [ "$DRY" = 1 ]; then
     THROUGHPUT=(--models tiny --length 64 --vocab 4097 --batch 1 --max-batch 2 --steps 1
-                --warmup 1 --compile no --precision 32)
+                --warmup 1 --compile no --precision 32 --also-precision bf16-deepspeed)
     LOSS=(--models tiny --length 64 --vocab 4097 --batch 1 --repeats 1 --warmup 0)
     CHECK=(--dry-run)
     SIZE=(data=builtin model=tiny model.n_blocks=2 model.length=64 trainer.precision=32)
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    THROUGHPUT=(--models small --length 1024 --batch 8 --max-batch 256 --steps 5 --warmup 2
-                --compile both --precision bf16)
+    THROUGHPUT=(--models small --length 1024 --batch 16 --max-batch 256 --steps 5 --warmup 2
+                --compile both --precision bf16 --also-precision bf16-deepspeed)
     LOSS=(--models small --length 1024 --batch 8 --repeats 3 --autocast bf16)
     CHECK=()
     SIZE=(data=builtin model=tiny model.length=128)
@@ -80,11 +98,11 @@ fi
 "$PY" -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'cuda',
 torch.version.cuda, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
 
-step throughput 300 "$PY" benchmarks/bench_train.py --suite gpu --zero 1 "${THROUGHPUT[@]}"
-step loss-path 120 "$PY" benchmarks/bench_train.py --suite loss --objectives subs,ar "${LOSS[@]}"
-for check in logits crop sampling-memory syncs; do
-    step "$check" 120 "$PY" benchmarks/gpu_checks.py "$check" "${CHECK[@]}"
-done
+# most wanted first: a step the budget no longer covers is skipped
+step throughput 240 "$PY" benchmarks/bench_train.py --suite gpu --zero 1 "${THROUGHPUT[@]}"
+step loss-path 90 "$PY" benchmarks/bench_train.py --suite loss --objectives subs,ar \
+    --with-checkpointing "${LOSS[@]}"
+step logits 60 "$PY" benchmarks/gpu_checks.py logits "${CHECK[@]}"
 
 # a one-device DeepSpeed run (DeepSpeed's FusedAdam on CUDA, compiled by the first run and
 # cached): straight, and killed at step 6 then resumed
@@ -92,20 +110,25 @@ TRAIN=("${SIZE[@]}" loader.global_batch_size=8 loader.batch_size=8 loader.eval_b
        loader.num_workers=0 trainer.max_steps=12 checkpointing.every_n_steps=4
        trainer.val_check_interval=0 trainer.log_every_n_steps=1000 shards.num_proc=4
        lr_scheduler.num_warmup_steps=0)
-step prepare 120 "$PY" -m pretrain.data.prepare "${SIZE[@]}" shards.num_proc=4 \
+step prepare 60 "$PY" -m pretrain.data.prepare "${SIZE[@]}" shards.num_proc=4 \
     hydra.run.dir="$WORK/prepare"
-step train-straight 300 "$PY" -m pretrain "${TRAIN[@]}" hydra.run.dir="$WORK/straight"
+step train-straight 120 "$PY" -m pretrain "${TRAIN[@]}" hydra.run.dir="$WORK/straight"
 echo "== train-killed (rank 0 kills itself after step 6)"
-timeout 300 "$PY" -m pretrain "${TRAIN[@]}" trainer.fail_at_step=6 \
+timeout "$(limit_of 90)" "$PY" -m pretrain "${TRAIN[@]}" trainer.fail_at_step=6 \
     hydra.run.dir="$WORK/resumed" > "$WORK/killed.out" 2>&1
 echo "killed run exited $? (expected non-zero)"
-step train-resume 300 "$PY" -m pretrain "${TRAIN[@]}" hydra.run.dir="$WORK/resumed"
-step same-losses 60 "$PY" benchmarks/gpu_checks.py same-losses "$WORK/straight" "$WORK/resumed"
+step train-resume 90 "$PY" -m pretrain "${TRAIN[@]}" hydra.run.dir="$WORK/resumed"
+step same-losses 30 "$PY" benchmarks/gpu_checks.py same-losses "$WORK/straight" "$WORK/resumed"
+
+for check in syncs crop sampling-memory; do
+    step "$check" 90 "$PY" benchmarks/gpu_checks.py "$check" "${CHECK[@]}"
+done
 
 echo "== fp16"
-timeout 150 "$PY" -m pretrain "${TRAIN[@]}" trainer.precision=fp16 trainer.max_steps=4 \
-    hydra.run.dir="$WORK/fp16" > "$WORK/fp16.out" 2>&1
+timeout "$(limit_of 90)" "$PY" -m pretrain "${TRAIN[@]}" trainer.precision=fp16 \
+    trainer.max_steps=4 hydra.run.dir="$WORK/fp16" > "$WORK/fp16.out" 2>&1
 rc=$?
+cat "$WORK/fp16.out" >> "$FULL_LOG"
 if [ "$DRY" = 1 ] || ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
     # no loss-scaled fp16 on a CPU: one sentence and exit 2
     grep -q "needs a CUDA GPU" "$WORK/fp16.out" && [ "$rc" -eq 2 ] \
@@ -124,8 +147,9 @@ echo "{\"check\": \"fp16\", \"ok\": $([ $ok -eq 0 ] && echo true || echo false),
 [ "$ok" -eq 0 ] || { failed=1; tail -n 5 "$WORK/fp16.out"; }
 
 rm -rf "$WORK"
+echo "gpu_check: $(( SECONDS - STARTED )) s"
 if [ "$failed" -ne 0 ]; then
-    echo "gpu_check: some checks failed (see above); results in $LOG"
+    echo "gpu_check: some checks failed (see above); results in $LOG, whole output in $FULL_LOG"
     exit 1
 fi
-echo "gpu_check: all checks passed; results in $LOG"
+echo "gpu_check: all checks passed; results in $LOG, whole output in $FULL_LOG"

@@ -40,10 +40,12 @@ def peak_flops() -> float | None:
     return peak_for_name(torch.cuda.get_device_name())
 
 
-def flops_per_token(config) -> float:
+def flops_per_token(config, output_fraction: float = 1.0) -> float:
     """Training FLOPs per token: 6 x the matmul parameters (blocks, adaLN, output layer)
-    plus the attention score and value products (forward 4 L h per layer, x3 for training)."""
+    plus the attention score and value products (forward 4 L h per layer, x3 for training).
+    ``output_fraction`` counts the output layer at that share of the positions (the masked
+    path projects only the masked ones, half of them on average); 1 is the dense count."""
     h, layers = config.hidden_size, config.n_blocks
     ada = 6 * h * config.cond_dim if config.backbone == "dit" else 0
-    matmul_params = layers * (12 * h * h + ada) + h * config.vocab_size
+    matmul_params = layers * (12 * h * h + ada) + output_fraction * h * config.vocab_size
     return 6 * matmul_params + 3 * layers * 4 * config.length * h
