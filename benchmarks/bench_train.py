@@ -47,6 +47,7 @@ import torch  # noqa: E402
 from model import Diffusion, ModelConfig  # noqa: E402
 from model.config import ARCHITECTURES  # noqa: E402
 from pretrain.flops import flops_per_token, peak_flops  # noqa: E402
+from pretrain.optim import deepspeed_adamw  # noqa: E402
 
 GPT2_VOCAB = 50258
 
@@ -282,10 +283,8 @@ def engine_throughput(size: str, batch: int, args, compiled: bool,
           "zero_optimization": {"stage": args.zero}, "steps_per_print": 10**9}
     if precision == "bf16-deepspeed":
         ds["bf16"] = {"enabled": True}
-    if device.type == "cuda":
-        from deepspeed.ops.adam import FusedAdam
-
-        optimizer = FusedAdam(module.parameters(), lr=3e-4, adam_w_mode=True)
+    if device.type == "cuda":  # FusedAdam, built as a training run builds it
+        optimizer = deepspeed_adamw(module.parameters(), {"lr": 3e-4}, cpu=False)
     else:
         optimizer = torch.optim.AdamW(module.parameters(), lr=3e-4)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds)

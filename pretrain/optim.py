@@ -14,7 +14,10 @@ says so once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -50,7 +53,7 @@ def build(module: torch.nn.Module, cfg, ds_cfg: dict) -> torch.optim.Optimizer:
         return torch.optim.AdamW(module.parameters(), **hyperparameters(cfg))
     try:
         return deepspeed_adamw(module.parameters(), hyperparameters(cfg), on_cpu(ds_cfg))
-    except RuntimeError as error:
+    except Exception as error:  # a failed build raises RuntimeError, ValueError, OSError...
         if impl == "deepspeed":
             raise RunConfigError(
                 f"optim.impl=deepspeed: DeepSpeed's Adam op did not compile ({error}); install "
@@ -71,7 +74,45 @@ def deepspeed_adamw(params, hyper: dict, cpu: bool) -> torch.optim.Optimizer:
     from deepspeed.ops.op_builder import FusedAdamBuilder
 
     announce_build(FusedAdamBuilder())
-    return FusedAdam(params, adam_w_mode=True, **hyper)
+    with arch_list_deepspeed_reads():
+        return FusedAdam(params, adam_w_mode=True, **hyper)
+
+
+def deepspeed_arch_list(value: str) -> str:
+    """``TORCH_CUDA_ARCH_LIST`` in the form DeepSpeed's JIT builder parses: torch accepts
+    architecture-specific targets such as ``9.0a`` (CUDA images set them), on which the
+    builder fails (``int('0a')``). Each becomes its base architecture (``9.0a`` -> ``9.0``,
+    ``+PTX`` kept); names such as ``Hopper`` or ``All`` are dropped. "" when nothing is
+    left: the builder then compiles for the GPUs it sees."""
+    kept = []
+    for entry in value.replace(" ", ";").split(";"):
+        match = re.fullmatch(r"(\d+)\.(\d+)[a-z]?(\+PTX)?", entry.strip())
+        if match:
+            arch = f"{match[1]}.{match[2]}{match[3] or ''}"
+            if arch not in kept:
+                kept.append(arch)
+    return ";".join(kept)
+
+
+@contextlib.contextmanager
+def arch_list_deepspeed_reads():
+    """``TORCH_CUDA_ARCH_LIST`` as ``deepspeed_arch_list`` rewrites it while DeepSpeed
+    builds an op; restored afterwards."""
+    name = "TORCH_CUDA_ARCH_LIST"
+    value = os.environ.get(name)
+    if value is None or deepspeed_arch_list(value) == value:
+        yield
+        return
+    fixed = deepspeed_arch_list(value)
+    log.info("%s=%s: DeepSpeed's build reads it as %r", name, value, fixed or "(unset)")
+    if fixed:
+        os.environ[name] = fixed
+    else:
+        del os.environ[name]
+    try:
+        yield
+    finally:
+        os.environ[name] = value
 
 
 def is_built(builder) -> bool:

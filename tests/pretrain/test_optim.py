@@ -1,5 +1,7 @@
 """DeepSpeed's CPU AdamW against torch's, in process (the op is compiled once per machine)."""
 
+import os
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -95,3 +97,22 @@ def test_resumed_optimizer_continues_bit_identically():
 def test_bad_impl_is_refused():
     with pytest.raises(RunConfigError, match="optim.impl=fast"):
         optim.build(module(), run_cfg("fast"), {})
+
+
+def test_arch_list_in_the_form_deepspeed_parses(monkeypatch):
+    """CUDA images set architecture-specific targets (9.0a) that DeepSpeed's JIT builder
+    cannot parse; its build sees the base architectures, and the variable comes back."""
+    from pretrain.optim import arch_list_deepspeed_reads, deepspeed_arch_list
+
+    assert deepspeed_arch_list("9.0a") == "9.0"
+    assert deepspeed_arch_list("8.0 9.0;9.0a+PTX") == "8.0;9.0;9.0+PTX"
+    assert deepspeed_arch_list("10.0f;12.0") == "10.0;12.0"
+    assert deepspeed_arch_list("Hopper") == ""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    with arch_list_deepspeed_reads():
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0"
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0a"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "All")
+    with arch_list_deepspeed_reads():
+        assert "TORCH_CUDA_ARCH_LIST" not in os.environ
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "All"
