@@ -103,10 +103,11 @@ def plain_loss(model: Diffusion, x0, t, generator):
 
 
 def step_loss(kind: str, model: Diffusion, x0, t, generator):
+    # set for every kind, the plain loss included: its trunk reads the checkpointing switch
+    model.config.activation_checkpointing = kind == "masked_ckpt"
     if kind == "plain":
         return plain_loss(model, x0, t, generator)
     model.config.loss_path = "full" if kind == "full" else "masked"
-    model.config.activation_checkpointing = kind == "masked_ckpt"
     return model.loss(x0, t=t, generator=generator).loss
 
 
