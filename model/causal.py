@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from model.attention import attention
 from model.config import ModelConfig
-from model.dit import mixed_precision, run_blocks, set_attn_backend
+from model.dit import flat_positions, mixed_precision, run_blocks, set_attn_backend
 from model.layers import EmbeddingLayer, LayerNorm, Rotary, apply_rotary, mlp
 from model.projection import Projection
 
@@ -111,7 +111,9 @@ class CausalTransformer(nn.Module):
         x = self.trunk(indices)
         with mixed_precision(self.config, indices.device):
             h = self.output_layer.norm_final(x)
-            h = h.reshape(-1, h.shape[-1]) if positions is None else h[positions]
+            h = h.reshape(-1, h.shape[-1])
+            if positions is not None:
+                h = h.index_select(0, flat_positions(positions, x.shape[1]))
             return self.output_layer.linear(h, row_loss, aux, row_weights,
                                             self.config.loss_chunk_rows, fill)
 

@@ -155,13 +155,21 @@ class DIT(nn.Module):
         (batch, length, vocab) logits never exist."""
         x, c = self.trunk(indices, sigma)
         with mixed_precision(self.config, indices.device):
-            if positions is None:  # every position, batch-major
-                h = self.output_layer.features(x, c).reshape(-1, x.shape[-1])
-            else:
-                rows, cols = positions
-                h = self.output_layer.features(x[rows, cols][:, None], c[rows])[:, 0]
+            # the final norm and modulation at every position (elementwise, as the full
+            # path computes them), then the rows selected; index_select's backward adds
+            # each row once, where indexing x and c at the rows needed CUDA's slow
+            # accumulating index_put (each c row gathered hundreds of times)
+            h = self.output_layer.features(x, c).reshape(-1, x.shape[-1])
+            if positions is not None:
+                h = h.index_select(0, flat_positions(positions, x.shape[1]))
             return self.output_layer.linear(h, row_loss, aux, row_weights,
                                             self.config.loss_chunk_rows, fill)
+
+
+def flat_positions(positions, length: int) -> torch.Tensor:
+    """(rows, cols) as indices into the (batch * length) positions, batch-major."""
+    rows, cols = positions
+    return rows * length + cols
 
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, args: tuple,

@@ -60,6 +60,19 @@ def test_chunking_does_not_change_the_result(name):
         torch.testing.assert_close(one_grads[key], grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["subs", "ar", "sedd"])
+def test_padding_the_vocabulary_does_not_change_the_result(name, monkeypatch):
+    """The CUDA path pads the weight's rows to an aligned count (101 -> 128 here): padded
+    logits get no probability and the gradients keep the weight's shape."""
+    plain, plain_grads = run("masked", CASES[name])
+    monkeypatch.setitem(projection.PAD_VOCAB_TO, "cpu", 64)
+    padded, padded_grads = run("masked", CASES[name])
+    torch.testing.assert_close(padded.nlls, plain.nlls, rtol=1e-6, atol=1e-6)
+    for key, grad in plain_grads.items():
+        assert padded_grads[key].shape == grad.shape, key
+        torch.testing.assert_close(padded_grads[key], grad, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("name", ["subs", "ar"])
 def test_no_more_than_one_chunk_of_logits_exists(name, monkeypatch):
     rows_seen = []
