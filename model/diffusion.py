@@ -40,7 +40,7 @@ class Noised:
 
 def build_backbone(config: ModelConfig) -> nn.Module:
     backbone = CausalTransformer(config) if config.backbone == "ar" else DIT(config)
-    if config.compile:
+    if config.compile is True:  # "auto" is decided by the training loop (device, mode)
         for block in backbone.blocks:
             block.compile()
     return backbone

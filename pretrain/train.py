@@ -137,8 +137,11 @@ def run(cfg):
     import deepspeed
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    late_compile = ds_config.compile_after_init(ds_cfg, model_config.compile)
-    model = Diffusion(model_config.replace(compile=False) if late_compile else model_config)
+    compile_blocks = model_config.compile is True or (
+        model_config.compile == "auto" and device.type == "cuda")
+    late_compile = ds_config.compile_after_init(ds_cfg, compile_blocks)
+    # the checkpoints keep model.compile as set ("auto" stays "auto")
+    model = Diffusion(model_config.replace(compile=compile_blocks and not late_compile))
     ds_config.apply_tf32(cfg, device.type)
     module = LossModule(model)
     optimizer = optim.build(module, cfg, ds_cfg)

@@ -45,6 +45,8 @@ MISTAKES = {
     "unknown group choice": ("mdlm", ["noise=bogus"], ["noise=bogus", "loglinear"]),
     "zero model length": ("mdlm", ["model.length=0"], ["model.length=0"]),
     "heads that do not divide": ("mdlm", ["model.n_heads=5"], ["model.n_heads=5"]),
+    "unknown compile setting": ("mdlm", ["model.compile=sometimes"],
+                                ["model.compile", "sometimes", "auto"]),
     "batch sizes that do not divide": ("mdlm", ["loader.global_batch_size=10",
                                                 "loader.batch_size=4"],
                                        ["loader.global_batch_size=10", "loader.batch_size=4"]),

@@ -20,7 +20,7 @@ def test_defaults_are_the_releases():
         "name": "small", "type": "ddit", "hidden_size": 768, "cond_dim": 128, "length": 1024,
         "n_blocks": 12, "n_heads": 12, "scale_by_sigma": True, "dropout": 0.1,
         "tie_word_embeddings": False, "attn_backend": "auto", "autocast": "auto",
-        "compile": False, "loss_path": "masked", "loss_chunk_rows": 0,
+        "compile": "auto", "loss_path": "masked", "loss_chunk_rows": 0,
         "activation_checkpointing": False}
     assert cfg.noise.type == "loglinear" and cfg.data.train == "openwebtext"
     assert cfg.data.tokenizer_name_or_path == "gpt2" and cfg.data.wrap is True
