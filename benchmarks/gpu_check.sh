@@ -38,6 +38,7 @@ failed=0
 # the whole script's budget in seconds: a step gets what is left of it (or its own limit,
 # if smaller) and is skipped, counted as failed, when under 15 s are left
 BUDGET=${GPU_CHECK_BUDGET:-480}
+[[ "$BUDGET" =~ ^[0-9]+$ ]] || { echo "gpu_check: GPU_CHECK_BUDGET=$BUDGET is not a number of seconds"; exit 2; }
 STARTED=$SECONDS
 left() { echo $(( BUDGET - (SECONDS - STARTED) )); }
 limit_of() { local l; l=$(left); [ "$1" -lt "$l" ] && l=$1; echo "$l"; }
@@ -70,7 +71,7 @@ step() {  # step <name> <seconds> <command...>: runs, keeps JSON lines, records 
         echo "gpu_check: step '$name' skipped: the budget of $BUDGET s is spent"; failed=1
         return
     fi
-    timeout "$limit" "$@" > "$WORK/step.out" 2>&1
+    timeout -k 10 "$limit" "$@" > "$WORK/step.out" 2>&1
     local rc=$?
     { echo "== $name (exit $rc)"; cat "$WORK/step.out"; } >> "$FULL_LOG"
     grep -v -i -E "warn|^\[20" "$WORK/step.out" | tail -n 12
@@ -112,23 +113,33 @@ TRAIN=("${SIZE[@]}" loader.global_batch_size=8 loader.batch_size=8 loader.eval_b
        lr_scheduler.num_warmup_steps=0)
 step prepare 60 "$PY" -m pretrain.data.prepare "${SIZE[@]}" shards.num_proc=4 \
     hydra.run.dir="$WORK/prepare"
-step train-straight 120 "$PY" -m pretrain "${TRAIN[@]}" hydra.run.dir="$WORK/straight"
-echo "== train-killed (rank 0 kills itself after step 6)"
-timeout "$(limit_of 90)" "$PY" -m pretrain "${TRAIN[@]}" trainer.fail_at_step=6 \
-    hydra.run.dir="$WORK/resumed" > "$WORK/killed.out" 2>&1
-echo "killed run exited $? (expected non-zero)"
-step train-resume 90 "$PY" -m pretrain "${TRAIN[@]}" hydra.run.dir="$WORK/resumed"
+# (model.compile=auto: these compile the blocks on a GPU)
+step train-straight 150 "$PY" -m pretrain "${TRAIN[@]}" hydra.run.dir="$WORK/straight"
+# the killed run must fail: step() would count that as a failure
+limit=$(limit_of 120)
+echo "== train-killed (rank 0 kills itself after step 6; limit ${limit} s)"
+if [ "$limit" -ge 15 ]; then
+    timeout -k 10 "$limit" "$PY" -m pretrain "${TRAIN[@]}" trainer.fail_at_step=6 \
+        hydra.run.dir="$WORK/resumed" > "$WORK/killed.out" 2>&1
+    echo "killed run exited $? (expected non-zero)"
+    { echo "== train-killed"; cat "$WORK/killed.out"; } >> "$FULL_LOG"
+else
+    echo "gpu_check: step 'train-killed' skipped: the budget of $BUDGET s is spent"; failed=1
+fi
+step train-resume 120 "$PY" -m pretrain "${TRAIN[@]}" hydra.run.dir="$WORK/resumed"
 step same-losses 30 "$PY" benchmarks/gpu_checks.py same-losses "$WORK/straight" "$WORK/resumed"
 
 for check in syncs crop sampling-memory; do
     step "$check" 90 "$PY" benchmarks/gpu_checks.py "$check" "${CHECK[@]}"
 done
 
-echo "== fp16"
-timeout "$(limit_of 90)" "$PY" -m pretrain "${TRAIN[@]}" trainer.precision=fp16 \
+limit=$(limit_of 120)
+echo "== fp16 (limit ${limit} s)"
+[ "$limit" -ge 15 ] || limit=15  # the last step: a short run still says whether fp16 starts
+timeout -k 10 "$limit" "$PY" -m pretrain "${TRAIN[@]}" trainer.precision=fp16 \
     trainer.max_steps=4 hydra.run.dir="$WORK/fp16" > "$WORK/fp16.out" 2>&1
 rc=$?
-cat "$WORK/fp16.out" >> "$FULL_LOG"
+{ echo "== fp16 (exit $rc)"; cat "$WORK/fp16.out"; } >> "$FULL_LOG"
 if [ "$DRY" = 1 ] || ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
     # no loss-scaled fp16 on a CPU: one sentence and exit 2
     grep -q "needs a CUDA GPU" "$WORK/fp16.out" && [ "$rc" -eq 2 ] \

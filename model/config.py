@@ -99,7 +99,7 @@ class ModelConfig:
              f"backbone={self.backbone} cannot be trained with "
              f"parameterization={self.parameterization}; the autoregressive baseline needs "
              "backbone=ar parameterization=ar (and the diffusion objectives backbone=dit).")
-        need(self.compile in (True, False, "auto"),
+        need(self.compile is True or self.compile is False or self.compile == "auto",
              f"model.compile={self.compile!r} is not one of True, False, auto.")
         need(self.attn_backend in ATTN_BACKENDS,
              f"model.attn_backend={self.attn_backend!r} is not known; "

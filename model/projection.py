@@ -61,13 +61,18 @@ def _cast(weight, bias, dtype):
     return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
-def _pad_rows(weight, bias, multiple: int):
-    """Weight and bias with zero rows appended up to a multiple of ``multiple`` rows."""
+def _cast_padded(weight, bias, dtype, multiple: int):
+    """``_cast``, with zero rows appended up to a multiple of ``multiple`` rows: cast and
+    padded in one copy."""
     extra = -weight.shape[0] % multiple
     if not extra:
-        return weight, bias
-    return (F.pad(weight, (0, 0, 0, extra)),
-            None if bias is None else F.pad(bias, (0, extra)))
+        return _cast(weight, bias, dtype)
+    vocab, dtype = weight.shape[0], dtype or weight.dtype
+    padded = weight.new_zeros((vocab + extra, weight.shape[1]), dtype=dtype)
+    padded[:vocab].copy_(weight)
+    if bias is not None:
+        bias = torch.cat([bias.to(dtype), bias.new_zeros(extra, dtype=dtype)])
+    return padded, bias
 
 
 def _chunks(n: int, size: int):
@@ -127,10 +132,10 @@ class _ProjectedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, row_weights, row_loss, aux, chunk_rows, dtype, fill):
-        w, b = _cast(weight.detach(), None if bias is None else bias.detach(), dtype)
-        vocab = w.shape[0]
-        if row_loss is cross_entropy_rows:
-            w, b = _pad_rows(w, b, PAD_VOCAB_TO.get(h.device.type, 1))
+        vocab = weight.shape[0]
+        multiple = PAD_VOCAB_TO.get(h.device.type, 1) if row_loss is cross_entropy_rows else 1
+        w, b = _cast_padded(weight.detach(), None if bias is None else bias.detach(), dtype,
+                            multiple)
         grad_h = torch.empty_like(h)
         grad_w = grad_b = None
         losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)

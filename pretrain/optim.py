@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import torch
@@ -26,6 +27,11 @@ from pretrain import distributed as D
 from pretrain.ds_config import RunConfigError, optim_impl
 
 log = logging.getLogger(__name__)
+
+
+# what a failed op build raises: the compiler's exit (RuntimeError, CalledProcessError), a
+# missing toolkit or header (OSError, ImportError), a setting the builder cannot parse
+BUILD_ERRORS = (RuntimeError, ValueError, OSError, ImportError, subprocess.CalledProcessError)
 
 
 def impl_of(cfg) -> str:
@@ -53,13 +59,14 @@ def build(module: torch.nn.Module, cfg, ds_cfg: dict) -> torch.optim.Optimizer:
         return torch.optim.AdamW(module.parameters(), **hyperparameters(cfg))
     try:
         return deepspeed_adamw(module.parameters(), hyperparameters(cfg), on_cpu(ds_cfg))
-    except Exception as error:  # a failed build raises RuntimeError, ValueError, OSError...
+    except BUILD_ERRORS as error:
         if impl == "deepspeed":
             raise RunConfigError(
                 f"optim.impl=deepspeed: DeepSpeed's Adam op did not compile ({error}); install "
                 "a C++ compiler and ninja (and the CUDA toolkit on GPUs), or set "
                 "optim.impl=torch.") from error
-        log.warning("DeepSpeed's Adam op did not compile (%s); using torch's AdamW", error)
+        log.warning("DeepSpeed's Adam op did not compile (%s); using torch's AdamW", error,
+                    exc_info=True)
         return torch.optim.AdamW(module.parameters(), **hyperparameters(cfg))
 
 
@@ -82,15 +89,16 @@ def deepspeed_arch_list(value: str) -> str:
     """``TORCH_CUDA_ARCH_LIST`` in the form DeepSpeed's JIT builder parses: torch accepts
     architecture-specific targets such as ``9.0a`` (CUDA images set them), on which the
     builder fails (``int('0a')``). Each becomes its base architecture (``9.0a`` -> ``9.0``,
-    ``+PTX`` kept); names such as ``Hopper`` or ``All`` are dropped. "" when nothing is
-    left: the builder then compiles for the GPUs it sees."""
+    ``+PTX`` kept). "" (unset: the builder then compiles for the GPUs it sees) when any
+    entry is not of that form (``Hopper``, ``All``), rather than build for fewer."""
     kept = []
-    for entry in value.replace(" ", ";").split(";"):
+    for entry in filter(None, value.replace(" ", ";").split(";")):
         match = re.fullmatch(r"(\d+)\.(\d+)[a-z]?(\+PTX)?", entry.strip())
-        if match:
-            arch = f"{match[1]}.{match[2]}{match[3] or ''}"
-            if arch not in kept:
-                kept.append(arch)
+        if match is None:
+            return ""
+        arch = f"{match[1]}.{match[2]}{match[3] or ''}"
+        if arch not in kept:
+            kept.append(arch)
     return ";".join(kept)
 
 

@@ -108,6 +108,7 @@ def test_arch_list_in_the_form_deepspeed_parses(monkeypatch):
     assert deepspeed_arch_list("8.0 9.0;9.0a+PTX") == "8.0;9.0;9.0+PTX"
     assert deepspeed_arch_list("10.0f;12.0") == "10.0;12.0"
     assert deepspeed_arch_list("Hopper") == ""
+    assert deepspeed_arch_list("8.0;Hopper") == ""  # not fewer targets: the GPUs seen
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     with arch_list_deepspeed_reads():
         assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0"
