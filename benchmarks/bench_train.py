@@ -251,7 +251,7 @@ def optimizer_suite(args) -> dict:
 
 # ---------------------------------------------------------------------- gpu suite
 def engine_throughput(size: str, batch: int, args, compiled: bool,
-                      precision: str | None = None) -> dict:
+                      precision: str | None = None, profile: bool = False) -> dict:
     """tokens/s, MFU and peak memory of DeepSpeed training steps (masked path) at ``batch``;
     ``precision`` one of ``32``, ``bf16`` (fp32 engine, bf16 autocast: the release's) and
     ``bf16-deepspeed`` (DeepSpeed's bf16 engine)."""
@@ -307,6 +307,9 @@ def engine_throughput(size: str, batch: int, args, compiled: bool,
     result = {"model": size, "batch": batch, "compiled": compiled, "precision": precision,
               "seconds_per_step": seconds, "tokens_per_s": batch * args.length / seconds,
               "peak_memory_gib": (peak_since(device, start) + start) / 2**30}
+    if profile:
+        profile_steps(step, device, f"{size} {precision} compiled={compiled}, "
+                                    f"micro-batch {batch}")
     peak = peak_flops()
     if peak:
         # dense count (every position projected), and the FLOPs this path computes: the
@@ -316,6 +319,26 @@ def engine_throughput(size: str, batch: int, args, compiled: bool,
             result["mfu_computed"] = (result["tokens_per_s"]
                                       * flops_per_token(config, output_fraction=0.5) / peak)
     return result
+
+
+def profile_steps(step, device, title: str, steps: int = 3, rows: int = 20) -> None:
+    """The kernels (or CPU ops) that take the time of ``steps`` more steps, by self time:
+    printed, and kept in ``$OUT/profile.txt`` when ``OUT`` is set (a device session)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+    text = f"# profile: {title}, {steps} steps\n{table}"
+    print(text, flush=True)
+    if os.environ.get("OUT"):
+        with open(Path(os.environ["OUT"]) / "profile.txt", "a") as f:
+            f.write(text + "\n")
 
 
 def _release_memory() -> None:
@@ -355,12 +378,18 @@ def gpu_suite(args) -> dict:
             batch = plain["batch"]
             while batch >= 1:
                 try:
-                    runs.append(engine_throughput(size, batch, args, compiled=True))
+                    runs.append(engine_throughput(size, batch, args, compiled=True,
+                                                  profile=args.profile))
                     break
                 except torch.OutOfMemoryError:
                     batch //= 2
                 finally:
                     _release_memory()
+        if args.profile and args.compile == "no":  # the eager step's profile instead
+            try:
+                engine_throughput(size, plain["batch"], args, False, profile=True)
+            finally:
+                _release_memory()
         for other in filter(None, args.also_precision.split(",")):
             try:  # uncompiled, at the batch found
                 runs.append(engine_throughput(size, plain["batch"], args, False, other))
@@ -409,6 +438,8 @@ def main():
     parser.add_argument("--zero", type=int, default=1)
     parser.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "32",
                         choices=["32", "bf16", "bf16-deepspeed"])
+    parser.add_argument("--profile", action="store_true",
+                        help="gpu suite: profile the compiled run's steps (top kernels)")
     parser.add_argument("--also-precision", default="",
                         help="gpu suite: these precisions too, uncompiled, at the batch found")
     parser.add_argument("--attn", default="sdpa", choices=["auto", "sdpa", "flash"])

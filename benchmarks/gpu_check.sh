@@ -84,14 +84,14 @@ step() {  # step <name> <seconds> <command...>: runs, keeps JSON lines, records 
 
 if [ "$DRY" = 1 ]; then
     THROUGHPUT=(--models tiny --length 64 --vocab 4097 --batch 1 --max-batch 2 --steps 1
-                --warmup 1 --compile no --precision 32 --also-precision bf16-deepspeed)
+                --warmup 1 --compile no --precision 32 --also-precision bf16-deepspeed --profile)
     LOSS=(--models tiny --length 64 --vocab 4097 --batch 1 --repeats 1 --warmup 0)
     CHECK=(--dry-run)
     SIZE=(data=builtin model=tiny model.n_blocks=2 model.length=64 trainer.precision=32)
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     THROUGHPUT=(--models small --length 1024 --batch 16 --max-batch 256 --steps 5 --warmup 2
-                --compile both --precision bf16 --also-precision bf16-deepspeed)
+                --compile both --precision bf16 --also-precision bf16-deepspeed --profile)
     LOSS=(--models small --length 1024 --batch 8 --repeats 3 --autocast bf16)
     CHECK=()
     SIZE=(data=builtin model=tiny model.length=128)
