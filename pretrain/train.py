@@ -140,6 +140,9 @@ def run(cfg):
     compile_blocks = model_config.compile is True or (
         model_config.compile == "auto" and device.type == "cuda")
     late_compile = ds_config.compile_after_init(ds_cfg, compile_blocks)
+    if compile_blocks and rank == 0:
+        log.info("model.compile=%s: the blocks are compiled with torch.compile; the first "
+                 "steps (and the first validation) wait for it", model_config.compile)
     # the checkpoints keep model.compile as set ("auto" stays "auto")
     model = Diffusion(model_config.replace(compile=compile_blocks and not late_compile))
     ds_config.apply_tf32(cfg, device.type)
