@@ -8,7 +8,8 @@ Suites (``--suite``, default ``loss``):
   (``masked``), at t = 0.5 (half the positions masked). Tokens/s and the step's peak
   memory (CUDA: allocated bytes; CPU: resident set high-water mark above the state before
   the step), for SUBS and AR (``--with-checkpointing``: also the masked path with
-  activation checkpointing per block).
+  activation checkpointing per block; ``--padding-baseline``: also the masked path without
+  padding the vocabulary, which CUDA's path pads to a multiple of 64).
 - ``engine``: the optimizer-bound setting: ``mdlm mode=train`` (model=tiny,
   data=builtin, L = 64, batch 1, fp32, one rank, EMA on; also with ``model.compile=True``
   and with ``optim.impl=torch``) against a plain loop of the same loss with torch's
@@ -45,6 +46,7 @@ if str(ROOT) not in sys.path:  # run as a file from a plain checkout
 import torch  # noqa: E402
 
 from model import Diffusion, ModelConfig  # noqa: E402
+from model import projection  # noqa: E402
 from model.config import ARCHITECTURES  # noqa: E402
 from pretrain.flops import flops_per_token, peak_flops  # noqa: E402
 from pretrain.optim import deepspeed_adamw  # noqa: E402
@@ -108,7 +110,19 @@ def step_loss(kind: str, model: Diffusion, x0, t, generator):
     if kind == "plain":
         return plain_loss(model, x0, t, generator)
     model.config.loss_path = "full" if kind == "full" else "masked"
-    return model.loss(x0, t=t, generator=generator).loss
+    if kind != "masked_unpadded":
+        return model.loss(x0, t=t, generator=generator).loss
+    # the masked path without padding the vocabulary (model.projection.PAD_VOCAB_TO)
+    device = x0.device.type
+    saved = projection.PAD_VOCAB_TO.get(device)
+    projection.PAD_VOCAB_TO[device] = 1
+    try:
+        return model.loss(x0, t=t, generator=generator).loss
+    finally:
+        if saved is None:
+            del projection.PAD_VOCAB_TO[device]
+        else:
+            projection.PAD_VOCAB_TO[device] = saved
 
 
 def loss_suite(args) -> dict:
@@ -131,6 +145,8 @@ def loss_suite(args) -> dict:
             kinds = ("full", "masked") if ar else ("plain", "full", "masked")
             if args.with_checkpointing:
                 kinds += ("masked_ckpt",)
+            if args.padding_baseline:
+                kinds += ("masked_unpadded",)
             times = {k: [] for k in kinds}
             peaks = {k: [] for k in kinds}
             for repeat in range(args.warmup + args.repeats):
@@ -155,6 +171,9 @@ def loss_suite(args) -> dict:
                              "peak_mib": max(peaks[kind]) / 2**20}
             row["speedup"] = row[base]["seconds"] / row["masked"]["seconds"]
             row["memory_ratio"] = row["masked"]["peak_mib"] / row[base]["peak_mib"]
+            if args.padding_baseline:  # what padding the vocabulary gains (CUDA pads)
+                row["padding_speedup"] = (row["masked_unpadded"]["seconds"]
+                                          / row["masked"]["seconds"])
             if args.with_checkpointing:
                 row["checkpointed_speedup"] = row[base]["seconds"] / row["masked_ckpt"]["seconds"]
                 row["checkpointed_memory_ratio"] = (row["masked_ckpt"]["peak_mib"]
@@ -428,6 +447,8 @@ def main():
     parser.add_argument("--autocast", default="off", choices=["off", "bf16"])
     parser.add_argument("--with-checkpointing", action="store_true",
                         help="also the masked path with activation checkpointing per block")
+    parser.add_argument("--padding-baseline", action="store_true",
+                        help="also the masked path without padding the vocabulary")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)

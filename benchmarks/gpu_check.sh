@@ -102,7 +102,7 @@ torch.version.cuda, 'deepspeed', deepspeed.__version__, 'transformers', transfor
 # most wanted first: a step the budget no longer covers is skipped
 step throughput 240 "$PY" benchmarks/bench_train.py --suite gpu --zero 1 "${THROUGHPUT[@]}"
 step loss-path 90 "$PY" benchmarks/bench_train.py --suite loss --objectives subs,ar \
-    --with-checkpointing "${LOSS[@]}"
+    --with-checkpointing --padding-baseline "${LOSS[@]}"
 step logits 60 "$PY" benchmarks/gpu_checks.py logits "${CHECK[@]}"
 
 # a one-device DeepSpeed run (DeepSpeed's FusedAdam on CUDA, compiled by the first run and
