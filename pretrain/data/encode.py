@@ -113,6 +113,14 @@ def choose(tokenizer, strategy: str = "auto", num_proc: int = 1) -> str:
     return strategy
 
 
+def _worker_died():
+    from pretrain.data.sources import DataError
+
+    return DataError("a tokenizer worker process died (killed, or out of memory) during the "
+                     "build; lower shards.num_proc or free memory and run again: the build "
+                     "resumes from its last finished shard.")
+
+
 class Encoder:
     """Encodes batches of documents with ``num_proc`` cores, in order, keeping at most
     ``window`` batches in flight so memory stays bounded whatever the split's size."""
@@ -168,7 +176,7 @@ class Encoder:
         pending = deque()
         for texts, wrap, block_size, extra in jobs:
             if self.pool is not None:
-                pending.append((self.pool.submit(_encode, (texts, wrap, block_size)), extra))
+                pending.append((self._submit(texts, wrap, block_size), extra))
             else:
                 pending.append((self.threads.submit(self.codec, texts, wrap, block_size),
                                 extra))
@@ -176,6 +184,16 @@ class Encoder:
                 yield self._result(pending.popleft())
         while pending:
             yield self._result(pending.popleft())
+
+    def _submit(self, texts, wrap, block_size):
+        """A batch for the pool; a pool that already knows a worker died refuses it here,
+        before any pending result says so."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return self.pool.submit(_encode, (texts, wrap, block_size))
+        except BrokenProcessPool:
+            raise _worker_died() from None
 
     @staticmethod
     def _result(item):
@@ -185,11 +203,7 @@ class Encoder:
         try:
             return future.result(), extra
         except BrokenProcessPool:
-            from pretrain.data.sources import DataError
-
-            raise DataError("a tokenizer worker process died (killed, or out of memory) "
-                            "during the build; lower shards.num_proc or free memory and run "
-                            "again: the build resumes from its last finished shard.") from None
+            raise _worker_died() from None
 
     def close(self) -> None:
         if self.pool is not None:

@@ -133,6 +133,25 @@ def test_a_killed_worker_stops_the_build_instead_of_hanging_it(bpe):
     assert time.monotonic() - started < 60
 
 
+def test_a_pool_that_already_lost_a_worker_refuses_the_next_batch_with_the_same_message(bpe):
+    """The pool may learn of the death before any pending result does: then ``submit``
+    itself fails, with the same one sentence."""
+    import os
+    import signal
+    import time
+
+    from pretrain.data.sources import DataError
+
+    with Encoder(bpe, 2, "processes") as encoder:
+        list(encoder.map([(["warm up"], True, L, 0)]))
+        os.kill(next(iter(encoder.pool._processes)), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not encoder.pool._broken and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(DataError, match="tokenizer worker process died"):
+            list(encoder.map([(["some text"], True, L, 1)]))
+
+
 def test_the_build_streams_its_source(tmp_path):
     """The first shard is written before the rest of the file is read: a malformed line
     after it does not stop a build told to stop after one shard."""
