@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file from a plain checkout
@@ -113,16 +114,8 @@ def step_loss(kind: str, model: Diffusion, x0, t, generator):
     if kind != "masked_unpadded":
         return model.loss(x0, t=t, generator=generator).loss
     # the masked path without padding the vocabulary (model.projection.PAD_VOCAB_TO)
-    device = x0.device.type
-    saved = projection.PAD_VOCAB_TO.get(device)
-    projection.PAD_VOCAB_TO[device] = 1
-    try:
+    with mock.patch.dict(projection.PAD_VOCAB_TO, {x0.device.type: 1}):
         return model.loss(x0, t=t, generator=generator).loss
-    finally:
-        if saved is None:
-            del projection.PAD_VOCAB_TO[device]
-        else:
-            projection.PAD_VOCAB_TO[device] = saved
 
 
 def loss_suite(args) -> dict:
