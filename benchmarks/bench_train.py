@@ -333,7 +333,7 @@ def engine_throughput(size: str, batch: int, args, compiled: bool,
     return result
 
 
-def profile_steps(step, device, title: str, steps: int = 3, rows: int = 20) -> None:
+def profile_steps(step, device, title: str, steps: int = 3, rows: int = 30) -> None:
     """The kernels (or CPU ops) that take the time of ``steps`` more steps, by self time:
     printed, and kept in ``$OUT/profile.txt`` when ``OUT`` is set (a device session)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -379,11 +379,30 @@ def largest_batch(size: str, args, compiled: bool) -> dict:
     return best
 
 
+def _print_run(size: str, r: dict) -> dict:
+    mfu = f"  MFU {r['mfu']:.1%}" if "mfu" in r else ""
+    if "mfu_computed" in r:
+        mfu += f" (of FLOPs computed: {r['mfu_computed']:.1%})"
+    print(f"{size:>7} {r['precision']} compiled={r['compiled']}: batch {r['batch']}  "
+          f"{r['tokens_per_s']:,.0f} tokens/s{mfu}  peak {r['peak_memory_gib']:.1f} GiB",
+          flush=True)
+    return r
+
+
 def gpu_suite(args) -> dict:
     """Uncompiled at the largest micro-batch that fits; compiled (blocks under
     ``torch.compile``) at that same batch, halved if compilation needs more memory."""
     rows = []
     for size in args.models.split(","):
+        if args.compile == "only":  # compiled alone, at the largest micro-batch that fits
+            best = largest_batch(size, args, compiled=True)
+            if args.profile:
+                try:
+                    engine_throughput(size, best["batch"], args, True, profile=True)
+                finally:
+                    _release_memory()
+            rows.append(_print_run(size, best))
+            continue
         plain = largest_batch(size, args, compiled=False)
         runs = [plain]
         if args.compile != "no":
@@ -410,14 +429,7 @@ def gpu_suite(args) -> dict:
                       flush=True)
             finally:
                 _release_memory()
-        for r in runs:
-            mfu = f"  MFU {r['mfu']:.1%}" if "mfu" in r else ""
-            if "mfu_computed" in r:
-                mfu += f" (of FLOPs computed: {r['mfu_computed']:.1%})"
-            print(f"{size:>7} {r['precision']} compiled={r['compiled']}: batch {r['batch']}  "
-                  f"{r['tokens_per_s']:,.0f} tokens/s{mfu}  peak {r['peak_memory_gib']:.1f} GiB",
-                  flush=True)
-        rows += runs
+        rows += [_print_run(size, r) for r in runs]
     return {"bench": "train_step", "device": _device_name(), "precision": args.precision,
             "attn": args.attn, "zero": args.zero, "length": args.length, "vocab": args.vocab,
             "loss_path": args.loss_path, "results": rows}
@@ -457,7 +469,8 @@ def main():
     parser.add_argument("--also-precision", default="",
                         help="gpu suite: these precisions too, uncompiled, at the batch found")
     parser.add_argument("--attn", default="sdpa", choices=["auto", "sdpa", "flash"])
-    parser.add_argument("--compile", default="both", choices=["both", "no"])
+    parser.add_argument("--compile", default="both", choices=["both", "no", "only"],
+                        help="gpu suite: eager and compiled, eager only, or compiled only")
     parser.add_argument("--loss-path", default="masked", choices=["masked", "full"])
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

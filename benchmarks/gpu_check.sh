@@ -13,7 +13,9 @@
 #      bf16 engine (trainer.precision=bf16-deepspeed) at that batch too;
 #   2. the masked-only loss path against the full-logits path (speed, peak memory), SUBS and
 #      AR, and the masked path with activation checkpointing;
-#   3. bf16 against fp32 logits on the same weights;
+#   3. bf16 against fp32 logits on the same weights; the compiled model's fused cross
+#      entropy (padded vocabulary, float32 weight gradient from the GEMM) against the plain
+#      chunked one;
 #   4. a one-GPU training run that is killed, resumes, and logs the losses of an
 #      uninterrupted run (within a tolerance: CUDA reductions are not deterministic);
 #   5. host synchronizations per step; text8-crop with a generator on the device;
@@ -104,6 +106,7 @@ step throughput 240 "$PY" benchmarks/bench_train.py --suite gpu --zero 1 "${THRO
 step loss-path 90 "$PY" benchmarks/bench_train.py --suite loss --objectives subs,ar \
     --with-checkpointing --padding-baseline "${LOSS[@]}"
 step logits 60 "$PY" benchmarks/gpu_checks.py logits "${CHECK[@]}"
+step fused-loss 90 "$PY" benchmarks/gpu_checks.py fused-loss "${CHECK[@]}"
 
 # a one-device DeepSpeed run (DeepSpeed's FusedAdam on CUDA, compiled by the first run and
 # cached): straight, and killed at step 6 then resumed

@@ -2,6 +2,7 @@
 one JSON line with ``"ok"``. On a CPU (``--dry-run`` sizes) they run the same code paths.
 
     python benchmarks/gpu_checks.py logits            bf16 against fp32 logits, same weights
+    python benchmarks/gpu_checks.py fused-loss        a compiled model's cross entropy = plain
     python benchmarks/gpu_checks.py crop              text8-crop with a generator on the device
     python benchmarks/gpu_checks.py sampling-memory   validation sampling at release sizes
     python benchmarks/gpu_checks.py syncs             host synchronizations per training step
@@ -130,6 +131,48 @@ def check_syncs(dry: bool) -> bool:
                   where=syncs[:5])
 
 
+def check_fused_loss(dry: bool) -> bool:
+    """The training cross entropy as a compiled model scores it (the fused kernel, the
+    vocabulary padded, the weight gradient added in float32 by the GEMM) against the plain
+    chunked one, on the same weights and noise: losses and gradients, fp32 and bf16."""
+    from unittest import mock
+
+    import model.projection as projection
+
+    s = sizes(dry)
+    x0 = torch.randint(0, s["vocab"] - 1, (4, s["length"]), device=device())
+    values, ok = {}, True
+    for autocast, rtol in (("off", 1e-4), ("bf16", 2e-2)):
+        runs = []
+        for fused in (False, True):
+            model = build(dry, autocast=autocast).train()
+            if fused:
+                model.backbone.output_layer.linear.compile_loss()
+                patches = ()
+            else:
+                patches = (mock.patch.dict(projection.PAD_VOCAB_TO, clear=True),
+                           mock.patch.dict(projection._ADDS_INTO_FLOAT32,
+                                           {device().type: False}))
+            for patch in patches:
+                patch.start()
+            try:
+                generator = torch.Generator(device=device()).manual_seed(0)
+                out = model.loss(x0, generator=generator)
+                out.loss.backward()
+            finally:
+                for patch in patches:
+                    patch.stop()
+            grads = torch.cat([p.grad.flatten().float() for p in model.parameters()
+                               if p.grad is not None])
+            runs.append((out.nlls.float(), grads))
+        (nlls, grads), (fused_nlls, fused_grads) = runs
+        loss_rel = float((fused_nlls - nlls).abs().sum() / nlls.abs().sum())
+        grad_rel = float((fused_grads - grads).norm() / grads.norm())
+        values[autocast] = {"loss_rel": loss_rel, "grad_rel": grad_rel, "rtol": rtol}
+        ok = ok and loss_rel <= rtol and grad_rel <= rtol
+    return report("fused_cross_entropy", ok, **values)
+
+
 def check_same_losses(a: str, b: str, rtol: float) -> bool:
     """The losses of two runs' metrics.jsonl agree step for step (a resumed run against an
     uninterrupted one): within 1e-6 on the CPU, within ``rtol`` on CUDA, whose reductions
@@ -148,8 +191,8 @@ def check_same_losses(a: str, b: str, rtol: float) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("check", choices=["logits", "crop", "sampling-memory", "syncs",
-                                          "same-losses"])
+    parser.add_argument("check", choices=["logits", "fused-loss", "crop", "sampling-memory",
+                                          "syncs", "same-losses"])
     parser.add_argument("runs", nargs="*")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--rtol", type=float, default=2e-3)
@@ -157,7 +200,7 @@ def main() -> int:
     if args.check == "same-losses":
         ok = check_same_losses(*args.runs, rtol=args.rtol)
     else:
-        ok = {"logits": check_logits, "crop": check_crop,
+        ok = {"logits": check_logits, "fused-loss": check_fused_loss, "crop": check_crop,
               "sampling-memory": check_sampling_memory, "syncs": check_syncs}[args.check](
             args.dry_run or device().type == "cpu")
     return 0 if ok else 1

@@ -5,7 +5,7 @@ Imports none of the project's other packages.
 
 from model.checkpoint import load_pretrained, save_pretrained
 from model.config import ModelConfig, from_run_config
-from model.diffusion import Diffusion, Loss, build_backbone
+from model.diffusion import Diffusion, Loss, build_backbone, compile_backbone
 from model.errors import CheckpointError, ConfigError, UserError
 from model.noise import get_noise
 from model.vocab import mask_and_vocab, tokenizer_ids
@@ -17,6 +17,7 @@ __all__ = [
     "Loss",
     "ModelConfig",
     "build_backbone",
+    "compile_backbone",
     "from_run_config",
     "get_noise",
     "load_pretrained",

@@ -41,9 +41,15 @@ class Noised:
 def build_backbone(config: ModelConfig) -> nn.Module:
     backbone = CausalTransformer(config) if config.backbone == "ar" else DIT(config)
     if config.compile is True:  # "auto" is decided by the training loop (device, mode)
-        for block in backbone.blocks:
-            block.compile()
+        compile_backbone(backbone)
     return backbone
+
+
+def compile_backbone(backbone: nn.Module) -> None:
+    """torch.compile for each block, and the training cross entropy's fused kernel."""
+    for block in backbone.blocks:
+        block.compile()
+    backbone.output_layer.linear.compile_loss()
 
 
 class Diffusion(nn.Module):

@@ -99,6 +99,38 @@ def _cross_entropy_in_place(logits, targets, weights):
     return losses, grad
 
 
+def cross_entropy_and_gradient(logits, targets, weights, vocab: int, fill_column: int,
+                               fill_value: float):
+    """What ``_cross_entropy_in_place`` computes, written for ``torch.compile`` to fuse:
+    logits (n, padded vocab) in the compute dtype; column ``fill_column`` (-1: none) set to
+    ``fill_value`` and the columns from ``vocab`` on excluded, all in registers. Returns
+    (float32 per-row losses, d(sum_i w_i loss_i)/d logits in the logits' dtype): compiled,
+    two reads of the logits and one write of the gradient, where the eager version's cast,
+    fills and in-place passes move the chunk's float32 logits about eight times."""
+    column = torch.arange(logits.shape[1], device=logits.device)
+    x = torch.where(column == fill_column, fill_value, logits.float())
+    x = torch.where(column < vocab, x, -torch.inf)
+    top = x.amax(dim=1, keepdim=True)
+    exp = torch.exp(x - top)
+    total = exp.sum(dim=1, keepdim=True)
+    losses = (top + total.log() - x.gather(1, targets[:, None]))[:, 0]
+    w = weights[:, None]
+    grad = exp * (w / total) - torch.where(column == targets[:, None], w, 0.0)
+    return losses, grad.to(logits.dtype)
+
+
+_compiled_cross_entropy = None
+
+
+def _fused_cross_entropy(*args):
+    """``cross_entropy_and_gradient`` through ``torch.compile`` (built on first use; one
+    graph for every chunk size)."""
+    global _compiled_cross_entropy
+    if _compiled_cross_entropy is None:
+        _compiled_cross_entropy = torch.compile(cross_entropy_and_gradient, dynamic=True)
+    return _compiled_cross_entropy(*args)
+
+
 def _chunk_logits(h_part, w, b, fill):
     """Float32 logits of one chunk, with ``fill`` = (column, value) written in place (the
     [MASK] logit the network never predicts)."""
@@ -121,6 +153,48 @@ def _losses_only(h, weight, bias, row_loss, aux, row_weights, chunk_rows, dtype,
     return (losses * row_weights).sum(), losses
 
 
+_ADDS_INTO_FLOAT32: dict[str, bool] = {}
+
+
+def _adds_into_float32(device: torch.device) -> bool:
+    """Whether this device's ``torch.addmm`` takes ``out_dtype``: a bf16/fp16 product added
+    into a float32 matrix by the GEMM itself (CUDA), instead of a rounded low-precision
+    product cast and added in two more passes. Asked once per device type."""
+    if device.type not in _ADDS_INTO_FLOAT32:
+        try:
+            a = torch.ones(2, 3, dtype=torch.bfloat16, device=device)
+            out = torch.addmm(torch.ones(2, 2, device=device), a, a.t(),
+                              out_dtype=torch.float32)
+            works = out.dtype == torch.float32 and bool((out == 4).all())
+        except (RuntimeError, TypeError, NotImplementedError):
+            works = False
+        _ADDS_INTO_FLOAT32[device.type] = works
+    return _ADDS_INTO_FLOAT32[device.type]
+
+
+def _accumulate(grad_h, grad_w, grad_b, part, g, w, b, h_part):
+    """The projection's backward for one chunk, from the gradient ``g`` of its logits:
+    its rows of ``grad_h`` written, its float32 weight and bias gradients added (the first
+    chunk's start them). Returns (grad_w, grad_b)."""
+    g_part = g.to(w.dtype)
+    grad_h[part] = g_part @ w
+    if grad_w is None:
+        if w.dtype != torch.float32 and _adds_into_float32(w.device):
+            grad_w = torch.mm(g_part.t(), h_part, out_dtype=torch.float32)
+        else:
+            grad_w = (g_part.t() @ h_part).float()
+        return grad_w, None if b is None else g.sum(0, dtype=torch.float32)
+    if w.dtype == torch.float32:
+        grad_w.addmm_(g_part.t(), h_part)
+    elif _adds_into_float32(w.device):  # one product, accumulated in float32 by the GEMM
+        grad_w = torch.addmm(grad_w, g_part.t(), h_part, out_dtype=torch.float32)
+    else:
+        grad_w += (g_part.t() @ h_part).float()
+    if grad_b is not None:
+        grad_b += g.sum(0, dtype=torch.float32)
+    return grad_w, grad_b
+
+
 class _ProjectedLoss(torch.autograd.Function):
     """sum_i w_i loss_i(W h_i + b), with the gradients computed chunk by chunk in forward:
     autograd only through the row loss (d loss / d logits of the chunk), then the
@@ -131,8 +205,10 @@ class _ProjectedLoss(torch.autograd.Function):
     0, so it is 0, as the derivative through the fill itself is."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, row_weights, row_loss, aux, chunk_rows, dtype, fill):
+    def forward(ctx, h, weight, bias, row_weights, row_loss, aux, chunk_rows, dtype, fill,
+                fused):
         vocab = weight.shape[0]
+        fused = fused and row_loss is cross_entropy_rows
         multiple = PAD_VOCAB_TO.get(h.device.type, 1) if row_loss is cross_entropy_rows else 1
         w, b = _cast_padded(weight.detach(), None if bias is None else bias.detach(), dtype,
                             multiple)
@@ -141,6 +217,13 @@ class _ProjectedLoss(torch.autograd.Function):
         losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         for part in _chunks(h.shape[0], chunk_rows):
             h_part = h[part].detach() if dtype is None else h[part].detach().to(dtype)
+            if fused:
+                per_row, g = _fused_cross_entropy(
+                    F.linear(h_part, w, b), aux[0][part], row_weights[part], vocab,
+                    -1 if fill is None else fill[0], 0.0 if fill is None else fill[1])
+                losses[part] = per_row
+                grad_w, grad_b = _accumulate(grad_h, grad_w, grad_b, part, g, w, b, h_part)
+                continue
             logits = _chunk_logits(h_part, w, b, fill)
             if w.shape[0] > vocab:  # padding rows: no probability, no gradient
                 logits[:, vocab:] = -torch.inf
@@ -153,18 +236,7 @@ class _ProjectedLoss(torch.autograd.Function):
                     (g,) = torch.autograd.grad((per_row * row_weights[part]).sum(), logits)
             losses[part] = per_row.detach()
             del logits, per_row
-            g_part = g.to(w.dtype)
-            grad_h[part] = g_part @ w
-            if grad_w is None:
-                grad_w = (g_part.t() @ h_part).float()
-                grad_b = None if b is None else g.sum(0)
-                continue
-            if w.dtype == torch.float32:
-                grad_w.addmm_(g_part.t(), h_part)
-            else:
-                grad_w += (g_part.t() @ h_part).float()
-            if grad_b is not None:
-                grad_b += g.sum(0)
+            grad_w, grad_b = _accumulate(grad_h, grad_w, grad_b, part, g, w, b, h_part)
         if grad_w is None:  # no rows
             grad_w = torch.zeros_like(weight, dtype=torch.float32)
             grad_b = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
@@ -186,7 +258,7 @@ class _ProjectedLoss(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         scaled = [None if g is None else g.mul_(grad_total.to(g.dtype)).to(dtype)
                   for g, dtype in zip(grads, ctx.dtypes)]
-        return (*scaled, None, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None, None)
 
 
 class Projection(nn.Linear):
@@ -195,7 +267,16 @@ class Projection(nn.Linear):
     hidden) it returns ``(sum_i w_i f_i, f)`` where ``f_i = row_loss(logits_i, aux_i)``
     (``fill`` = (column, value) first sets that logit of every row), never holding more
     than ``chunk_rows`` rows of logits (0: ``auto_chunk_rows``; float32, computed in the
-    autocast dtype when autocast is on, as the plain projection is)."""
+    autocast dtype when autocast is on, as the plain projection is).
+
+    After ``compile_loss()`` a cross entropy (``cross_entropy_rows``) with gradients is
+    scored by ``cross_entropy_and_gradient`` compiled: the model compiles it with its
+    blocks."""
+
+    fused_loss = False
+
+    def compile_loss(self) -> None:
+        self.fused_loss = True
 
     def forward(self, h: torch.Tensor, row_loss: RowLoss | None = None, aux: tuple = (),
                 row_weights: torch.Tensor | None = None, chunk_rows: int = 0,
@@ -216,4 +297,4 @@ class Projection(nn.Linear):
                 return _losses_only(h, self.weight, self.bias, row_loss, tuple(aux),
                                     row_weights, chunk_rows, dtype, fill)
             return _ProjectedLoss.apply(h, self.weight, self.bias, row_weights, row_loss,
-                                        tuple(aux), chunk_rows, dtype, fill)
+                                        tuple(aux), chunk_rows, dtype, fill, self.fused_loss)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from model import Diffusion, from_run_config, tokenizer_ids
+from model import Diffusion, compile_backbone, from_run_config, tokenizer_ids
 from pretrain import checkpointing, ds_config, optim, schedules
 from pretrain import distributed as D
 from pretrain.ema import EMA
@@ -157,8 +157,7 @@ def run(cfg):
         model=module, optimizer=optimizer, lr_scheduler=scheduler,
         config={**ds_cfg, "gradient_clipping": 0.0} if loop_clips else ds_cfg)
     if late_compile:  # ZeRO-3 partitions and hooks the modules first
-        for block in model.backbone.blocks:
-            block.compile()
+        compile_backbone(model.backbone)
     ema = EMA(engine.module.named_parameters(), cfg.training.ema) if cfg.training.ema > 0 else None
 
     from pretrain.data.sampler import ResumableSampler

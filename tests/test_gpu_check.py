@@ -30,7 +30,8 @@ def test_gpu_check_dry_run_passes_every_step(tmp_path):
     assert "all checks passed" in output
     records = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     checks = {r["check"]: r["ok"] for r in records if "check" in r}
-    assert checks == {"bf16_vs_fp32_logits": True, "text8_crop_device_generator": True,
+    assert checks == {"bf16_vs_fp32_logits": True, "fused_cross_entropy": True,
+                      "text8_crop_device_generator": True,
                       "validation_sampling_memory": True, "host_syncs_per_micro_step": True,
                       "resume_same_losses": True, "fp16": True}
     benches = {r["bench"] for r in records if "bench" in r}

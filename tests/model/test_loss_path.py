@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import model.projection as projection
-from model import Diffusion
+from model import Diffusion, compile_backbone
 from model.objectives import NEG_INFINITY, subs_parameterization
 from tests.conftest import randomize_, tiny_config
 
@@ -71,6 +71,55 @@ def test_padding_the_vocabulary_does_not_change_the_result(name, monkeypatch):
     for key, grad in plain_grads.items():
         assert padded_grads[key].shape == grad.shape, key
         torch.testing.assert_close(padded_grads[key], grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fill", [None, (100, NEG_INFINITY)])
+def test_the_compiled_cross_entropy_equals_the_in_place_one(fill):
+    """Losses and gradient of one chunk: padded to 128 columns, [MASK] filled or not; the
+    compiled kernel also in bf16, as it runs under autocast."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(37, 128, generator=g) * 3
+    targets = torch.randint(0, 100, (37,), generator=g)
+    weights = torch.rand(37, generator=g)
+    reference = logits.clone()
+    if fill is not None:
+        reference[:, fill[0]] = fill[1]
+    reference[:, 101:] = -torch.inf
+    losses, grad = projection._cross_entropy_in_place(reference, targets, weights)
+    args = (targets, weights, 101, -1 if fill is None else fill[0],
+            0.0 if fill is None else fill[1])
+    for function in (projection.cross_entropy_and_gradient, projection._fused_cross_entropy):
+        got_losses, got_grad = function(logits, *args)
+        torch.testing.assert_close(got_losses, losses, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got_grad, grad, rtol=1e-5, atol=1e-8)
+    low = logits.bfloat16()
+    _, eager = projection.cross_entropy_and_gradient(low, *args)
+    _, compiled = projection._fused_cross_entropy(low, *args)
+    assert compiled.dtype == torch.bfloat16
+    torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("name", ["subs", "ar", "d3pm-subs-masking"])
+def test_the_fused_cross_entropy_does_not_change_the_result(name, monkeypatch):
+    """A compiled model's projection scores its cross entropy with the fused function
+    (eager here: the kernel itself is compared above), padding included."""
+    plain, plain_grads = run("masked", CASES[name])
+    monkeypatch.setitem(projection.PAD_VOCAB_TO, "cpu", 64)
+    monkeypatch.setattr(projection, "_fused_cross_entropy",
+                        projection.cross_entropy_and_gradient)
+    monkeypatch.setattr(projection.Projection, "fused_loss", True)
+    fused, fused_grads = run("masked", CASES[name])
+    torch.testing.assert_close(fused.nlls, plain.nlls, rtol=1e-6, atol=1e-6)
+    assert fused_grads.keys() == plain_grads.keys()
+    for key, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[key], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_compiling_the_backbone_fuses_its_cross_entropy():
+    model = Diffusion(tiny_config(**VOCAB))
+    assert not model.backbone.output_layer.linear.fused_loss
+    compile_backbone(model.backbone)
+    assert model.backbone.output_layer.linear.fused_loss
 
 
 @pytest.mark.parametrize("name", ["subs", "ar"])
