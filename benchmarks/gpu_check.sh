@@ -66,7 +66,13 @@ then
     echo "gpu_check: the project or its dependencies do not import from $REPO"; exit 1
 fi
 
+# GPU_CHECK_STEPS="fused-loss train-straight ...": only these steps (default: all); the
+# training steps need prepare, train-resume needs train-killed, same-losses both runs
+STEPS=" ${GPU_CHECK_STEPS:-all} "
+wanted() { [ "$STEPS" = " all " ] || [[ "$STEPS" == *" $1 "* ]]; }
+
 step() {  # step <name> <seconds> <command...>: runs, keeps JSON lines, records a failure
+    wanted "$1" || return 0
     local name=$1 limit; limit=$(limit_of "$2"); shift 2
     echo "== $name ($(( SECONDS - STARTED )) s in, limit ${limit} s)"
     if [ "$limit" -lt 15 ]; then
@@ -120,8 +126,10 @@ step prepare 60 "$PY" -m pretrain.data.prepare "${SIZE[@]}" shards.num_proc=4 \
 step train-straight 150 "$PY" -m pretrain "${TRAIN[@]}" hydra.run.dir="$WORK/straight"
 # the killed run must fail: step() would count that as a failure
 limit=$(limit_of 120)
-echo "== train-killed (rank 0 kills itself after step 6; limit ${limit} s)"
-if [ "$limit" -ge 15 ]; then
+wanted train-killed && echo "== train-killed (rank 0 kills itself after step 6; limit ${limit} s)"
+if ! wanted train-killed; then
+    :
+elif [ "$limit" -ge 15 ]; then
     timeout -k 10 "$limit" "$PY" -m pretrain "${TRAIN[@]}" trainer.fail_at_step=6 \
         hydra.run.dir="$WORK/resumed" > "$WORK/killed.out" 2>&1
     echo "killed run exited $? (expected non-zero)"
@@ -136,29 +144,32 @@ for check in syncs crop sampling-memory; do
     step "$check" 90 "$PY" benchmarks/gpu_checks.py "$check" "${CHECK[@]}"
 done
 
-limit=$(limit_of 120)
-echo "== fp16 (limit ${limit} s)"
-[ "$limit" -ge 15 ] || limit=15  # the last step: a short run still says whether fp16 starts
-timeout -k 10 "$limit" "$PY" -m pretrain "${TRAIN[@]}" trainer.precision=fp16 \
-    trainer.max_steps=4 hydra.run.dir="$WORK/fp16" > "$WORK/fp16.out" 2>&1
-rc=$?
-{ echo "== fp16 (exit $rc)"; cat "$WORK/fp16.out"; } >> "$FULL_LOG"
-if [ "$DRY" = 1 ] || ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-    # no loss-scaled fp16 on a CPU: one sentence and exit 2
-    grep -q "needs a CUDA GPU" "$WORK/fp16.out" && [ "$rc" -eq 2 ] \
-        && ! grep -q Traceback "$WORK/fp16.out"
-    ok=$?
-else
-    [ "$rc" -eq 0 ] && "$PY" - "$WORK/fp16/metrics.jsonl" <<'PY'
+if wanted fp16; then
+    limit=$(limit_of 120)
+    echo "== fp16 (limit ${limit} s)"
+    [ "$limit" -ge 15 ] || limit=15  # the last step: a short run still says whether fp16 starts
+    timeout -k 10 "$limit" "$PY" -m pretrain "${TRAIN[@]}" trainer.precision=fp16 \
+        trainer.max_steps=4 hydra.run.dir="$WORK/fp16" > "$WORK/fp16.out" 2>&1
+    rc=$?
+    { echo "== fp16 (exit $rc)"; cat "$WORK/fp16.out"; } >> "$FULL_LOG"
+    if [ "$DRY" = 1 ] || ! "$PY" -c "import torch; assert torch.cuda.is_available()" \
+            2>/dev/null; then
+        # no loss-scaled fp16 on a CPU: one sentence and exit 2
+        grep -q "needs a CUDA GPU" "$WORK/fp16.out" && [ "$rc" -eq 2 ] \
+            && ! grep -q Traceback "$WORK/fp16.out"
+        ok=$?
+    else
+        [ "$rc" -eq 0 ] && "$PY" - "$WORK/fp16/metrics.jsonl" <<'PY'
 import json, math, sys
 losses = [json.loads(line)["loss"] for line in open(sys.argv[1])]
 assert len(losses) == 4 and all(math.isfinite(v) for v in losses), losses
 PY
-    ok=$?
+        ok=$?
+    fi
+    echo "{\"check\": \"fp16\", \"ok\": $([ $ok -eq 0 ] && echo true || echo false), \"exit\": $rc}" \
+        | tee -a "$LOG"
+    [ "$ok" -eq 0 ] || { failed=1; tail -n 5 "$WORK/fp16.out"; }
 fi
-echo "{\"check\": \"fp16\", \"ok\": $([ $ok -eq 0 ] && echo true || echo false), \"exit\": $rc}" \
-    | tee -a "$LOG"
-[ "$ok" -eq 0 ] || { failed=1; tail -n 5 "$WORK/fp16.out"; }
 
 rm -rf "$WORK"
 echo "gpu_check: $(( SECONDS - STARTED )) s"
