@@ -9,11 +9,12 @@ Suites (``--suite``, default ``loss``):
   memory (CUDA: allocated bytes; CPU: resident set high-water mark above the state before
   the step), for SUBS and AR (``--with-checkpointing``: also the masked path with
   activation checkpointing per block; ``--padding-baseline``: also the masked path without
-  padding the vocabulary, which CUDA's path pads to a multiple of 64).
+  padding the vocabulary, which CUDA's path pads to a multiple of 64). For SUBS also the
+  FLOP ceiling of the masked path's speedup: the plain loss's training FLOPs over its own.
 - ``engine``: the optimizer-bound setting: ``mdlm mode=train`` (model=tiny,
-  data=builtin, L = 64, batch 1, fp32, one rank, EMA on; also with ``model.compile=True``
-  and with ``optim.impl=torch``) against a plain loop of the same loss with torch's
-  AdamW, median seconds per step after the first five.
+  data=builtin, L = 64, batch 1, fp32, one rank, EMA on; also with ``model.compile=True``,
+  with ``optim.impl=torch``, and without the EMA and gradient clipping) against a plain
+  loop of the same loss with torch's AdamW, median seconds per step after the first five.
 - ``optimizer``: DeepSpeed's CPU Adam against torch's AdamW at 100M parameters
   (``benchmarks/bench_optim.py``).
 - ``gpu``: through the DeepSpeed engine on a GPU: tokens/s, MFU and peak memory for the
@@ -173,11 +174,20 @@ def loss_suite(args) -> dict:
                                                     / row[base]["peak_mib"])
             if not ar:
                 row["speedup_vs_full"] = row["full"]["seconds"] / row["masked"]["seconds"]
+                # the most the masked path can gain: the plain loss's training FLOPs over its
+                # own, which project the masked share of the positions (the same trunk)
+                with torch.no_grad():
+                    noised = model.noised(x0, t, torch.Generator(device=device).manual_seed(0))
+                share = float((noised.xt == model.mask_index).float().mean())
+                row["masked_share"] = share
+                row["flop_ceiling"] = (flops_per_token(config)
+                                       / flops_per_token(config, output_fraction=share))
             rows.append(row)
             print(f"{objective:>5} {size:>6}: " + "  ".join(
                 f"{k} {row[k]['tokens_per_s']:,.0f} tok/s {row[k]['peak_mib']:,.0f} MiB"
-                for k in kinds) + f"  -> masked {row['speedup']:.2f}x speed, "
-                f"{row['memory_ratio']:.2f}x memory of {base}", flush=True)
+                for k in kinds) + f"  -> masked {row['speedup']:.2f}x speed"
+                + (f" (FLOP ceiling {row['flop_ceiling']:.2f}x)" if "flop_ceiling" in row else "")
+                + f", {row['memory_ratio']:.2f}x memory of {base}", flush=True)
     return {"bench": "train_loss", "device": _device_name(), "batch": args.batch,
             "length": args.length, "vocab": args.vocab, "t": args.t,
             "chunk_rows": args.chunk_rows, "autocast": args.autocast, "results": rows}
@@ -239,8 +249,12 @@ def engine_suite(args) -> dict:
         for repeat in range(args.repeats):  # alternated
             results.setdefault("plain_torch_adamw", []).append(
                 plain_loop_seconds(vocab, mask_index, args.engine_steps))
+            # the last: without the two things the plain loop does not do, so the gap
+            # between it and mdlm is what the EMA and clipping cost
             for name, extra in (("mdlm", []), ("mdlm_compiled", ["model.compile=True"]),
-                                ("mdlm_torch_adamw", ["optim.impl=torch"])):
+                                ("mdlm_torch_adamw", ["optim.impl=torch"]),
+                                ("mdlm_no_ema_no_clip", ["training.ema=0",
+                                                         "trainer.gradient_clip_val=0"])):
                 results.setdefault(name, []).append(mdlm_step_seconds(
                     Path(tmp) / f"{name}_{repeat}", env, args.engine_steps, extra))
     seconds = {k: statistics.median(v) for k, v in results.items()}
@@ -250,7 +264,9 @@ def engine_suite(args) -> dict:
     return {"bench": "train_engine", "device": _device_name(), "model": "tiny", "length": 64,
             "batch": 1, "vocab": vocab, "seconds_per_step": seconds,
             "speedup_vs_plain": seconds["plain_torch_adamw"] / seconds["mdlm"],
-            "compiled_speedup_vs_plain": seconds["plain_torch_adamw"] / seconds["mdlm_compiled"]}
+            "compiled_speedup_vs_plain": seconds["plain_torch_adamw"] / seconds["mdlm_compiled"],
+            "speedup_vs_plain_without_ema_and_clipping":
+                seconds["plain_torch_adamw"] / seconds["mdlm_no_ema_no_clip"]}
 
 
 # ---------------------------------------------------------------------- optimizer suite

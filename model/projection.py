@@ -10,6 +10,8 @@ in place) and kept; backward only scales them by the incoming gradient. Nothing 
 recomputed and no logits survive the forward.
 
 That is the scheme of fused linear cross-entropy kernels, in PyTorch and for any row loss.
+A compiled model (``Projection.compile_loss``) scores the cross entropy of each chunk with
+one ``torch.compile``d function instead of eager passes over its float32 logits.
 The loss handed back is the weighted sum over rows (a scalar that carries the gradient),
 with the unweighted per-row losses beside it as plain values. Going through the module's
 own ``__call__`` keeps ZeRO-3's parameter gathering hooks in play.
@@ -199,7 +201,8 @@ class _ProjectedLoss(torch.autograd.Function):
     """sum_i w_i loss_i(W h_i + b), with the gradients computed chunk by chunk in forward:
     autograd only through the row loss (d loss / d logits of the chunk), then the
     projection's backward by hand, accumulated into one float32 weight gradient (in place
-    for float32 weights; a low-precision chunk product is added to it).
+    for float32 weights; on CUDA a low-precision chunk product is added by the GEMM in
+    float32, elsewhere rounded and then added).
 
     A filled column's gradient is taken after the fill: the filled logits have probability
     0, so it is 0, as the derivative through the fill itself is."""
