@@ -54,9 +54,9 @@ class ModelConfig:
     eos_index: int | None = None
     attn_backend: str = "auto"
     autocast: str = "auto"
-    # torch.compile of the blocks: True, False, or "auto" (compiled for training on CUDA,
-    # where it measured 1.47x the tokens/s of model=small at 0.76x the memory; eager on the
-    # CPU and outside training)
+    # torch.compile of the blocks and of the training cross entropy: True, False, or "auto"
+    # (compiled for training on CUDA, where model=small ran at 1.79x the eager tokens/s on an
+    # H200; eager on the CPU and outside training)
     compile: bool | str = False
     # "masked": the output projection and loss run only where the loss can be nonzero, in
     # chunks of loss_chunk_rows rows (0: by device and vocabulary, model.projection); "full":
