@@ -38,12 +38,16 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return "flash" if usable else "sdpa"
 
 
-def attention(qkv: torch.Tensor, causal: bool, backend: str) -> torch.Tensor:
-    """qkv: (batch, seq, 3, heads, head_dim) -> (batch, seq, heads * head_dim)."""
+def attention(qkv: torch.Tensor, causal: bool, backend: str,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """qkv: (batch, seq, 3, heads, head_dim) -> (batch, seq, heads * head_dim). ``mask``
+    (seq, seq) boolean, True where a query may attend to a key, takes SDPA whatever the
+    backend (flash-attn has no arbitrary masks)."""
     batch, seq = qkv.shape[0], qkv.shape[1]
-    if backend == "flash" and qkv.dtype in (torch.float16, torch.bfloat16):
+    if mask is None and backend == "flash" and qkv.dtype in (torch.float16, torch.bfloat16):
         out = _flash_attn_func()(qkv, dropout_p=0.0, causal=causal)
         return out.reshape(batch, seq, -1)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, heads, seq, head_dim)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                         is_causal=causal and mask is None)
     return out.transpose(1, 2).reshape(batch, seq, -1)

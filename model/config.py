@@ -10,7 +10,7 @@ from typing import Any
 from model.errors import ConfigError
 
 BACKBONES = ("dit", "ar")
-PARAMETERIZATIONS = ("subs", "d3pm", "sedd", "ar")
+PARAMETERIZATIONS = ("subs", "d3pm", "sedd", "ar", "bd3lm")
 ATTN_BACKENDS = ("auto", "sdpa", "flash")
 AUTOCAST = ("auto", "bf16", "fp16", "off")
 LOSS_PATHS = ("masked", "full")
@@ -64,10 +64,24 @@ class ModelConfig:
     loss_path: str = "masked"
     loss_chunk_rows: int = 0
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    # block diffusion (parameterization=bd3lm, model.block_diffusion): blocks of block_size
+    # tokens (0: the whole length, which is MDLM), each block's t clipped to
+    # [sampling_eps_min, sampling_eps_max] (masked shares outside redrawn with resample),
+    # the first token kept clean and unscored with ignore_bos
+    block_size: int = 0
+    sampling_eps_min: float = 1e-3
+    sampling_eps_max: float = 1.0
+    resample: bool = True
+    ignore_bos: bool = False
 
     def __post_init__(self):
         self.noise = dict(self.noise)
         self.validate()
+
+    @property
+    def blocks(self) -> int:
+        """The block size of block diffusion (the length when ``block_size`` is 0)."""
+        return self.block_size or self.length
 
     @property
     def is_diffusion(self) -> bool:
@@ -131,6 +145,19 @@ class ModelConfig:
         need(not (self.change_of_variables and self.importance_sampling),
              "training.change_of_variables and training.importance_sampling cannot both be "
              "on; turn one of them off.")
+        if self.parameterization == "bd3lm":
+            need(self.block_size >= 0 and self.length % self.blocks == 0,
+                 f"model.block_size={self.block_size} must divide model.length={self.length} "
+                 "(0: one block of the whole length).")
+            need(0.0 < self.sampling_eps_min <= self.sampling_eps_max <= 1.0,
+                 f"training.sampling_eps_min={self.sampling_eps_min} and "
+                 f"training.sampling_eps_max={self.sampling_eps_max} must satisfy "
+                 "0 < min <= max <= 1.")
+            need(self.T == 0 and not self.importance_sampling and not self.change_of_variables
+                 and not self.time_conditioning,
+                 "parameterization=bd3lm trains in continuous time without time "
+                 "conditioning; set T=0, time_conditioning=False, "
+                 "training.importance_sampling=False and training.change_of_variables=False.")
         if self.parameterization == "sedd":
             need(not self.importance_sampling and not self.change_of_variables,
                  "parameterization=sedd supports neither training.importance_sampling nor "

@@ -14,6 +14,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from model import block_diffusion
 from model import objectives as obj
 from model.causal import MASK_LOGIT, CausalTransformer
 from model.config import ModelConfig
@@ -166,9 +167,54 @@ class Diffusion(nn.Module):
             total, nlls = total + extra, nlls + recon
         return total, nlls
 
-    def _row_losses(self, xt, sigma, positions, row_loss, aux, weights, fill=None):
+    # ------------------------------------------------------------------ block diffusion
+    def block_noised(self, x0: torch.Tensor, t: torch.Tensor | None = None,
+                     generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block diffusion's draws: per-block times t (batch, blocks), drawn as in training
+        when None (a (batch,) t applies to every block), and x_t."""
+        c = self.config
+        batch, n_blocks = x0.shape[0], x0.shape[1] // c.blocks
+        if t is None:
+            t = block_diffusion.sample_block_t(batch, n_blocks, x0.device, c.sampling_eps_min,
+                                               c.sampling_eps_max, c.antithetic_sampling,
+                                               generator)
+        elif t.ndim == 1:
+            t = t[:, None].expand(batch, n_blocks)
+        xt = block_diffusion.q_xt(x0, t, c.blocks, self.mask_index, c.sampling_eps_min,
+                                  c.sampling_eps_max, c.resample, generator)
+        if c.ignore_bos:  # the first token stays clean (and is not scored in evaluation)
+            xt[:, 0] = x0[:, 0]
+        return t, xt
+
+    def block_losses(self, x0: torch.Tensor, mask: torch.Tensor, t=None, generator=None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block diffusion loss: every block's SUBS loss in one pass over x_t and x_0,
+        weighted 1/t at the masked real positions (projected in chunks on the masked path).
+        Returns (sum of per-token losses, carrying the gradient; per-token losses)."""
+        t, xt = self.block_noised(x0, t, generator)
+        weight = block_diffusion.loss_weights(t, self.config.sampling_eps_min)
+        weight = weight.repeat_interleave(self.config.blocks, dim=1).float()
+        if self.config.loss_path == "full":
+            log_p = obj.subs_parameterization(self.backbone(xt, None, clean=x0), xt,
+                                              self.mask_index)
+            nlls = -log_p.gather(-1, x0[..., None])[..., 0] * weight * mask
+            return nlls.sum(), nlls
+        rows, cols = ((xt == self.mask_index) & (mask != 0)).nonzero(as_tuple=True)
+        weights = weight[rows, cols]
+        total, per_row = self._row_losses(xt, None, (rows, cols), obj.subs_rows,
+                                          (x0[rows, cols],), weights,
+                                          obj.subs_fill(self.mask_index), clean=x0)
+        nlls = torch.zeros(x0.shape, dtype=per_row.dtype, device=x0.device)
+        nlls[rows, cols] = per_row * weights
+        return total, nlls
+
+    def _row_losses(self, xt, sigma, positions, row_loss, aux, weights, fill=None,
+                    clean=None):
         """The backbone's chunked ``row_losses``, or for a network with only a forward
         (test doubles, foreign backbones) the same sums from its full output."""
+        if clean is not None:  # block diffusion: the DiT's own chunked path
+            return self.backbone.row_losses(xt, sigma, positions, row_loss, aux, weights,
+                                            fill, clean)
         if hasattr(self.backbone, "row_losses"):
             return self.backbone.row_losses(xt, sigma, positions, row_loss, aux, weights, fill)
         logits = self.backbone(xt, sigma).float()
@@ -229,6 +275,12 @@ class Diffusion(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         inputs, targets, mask = self._crop(input_ids, attention_mask, generator)
+        if self.parameterization == "bd3lm":
+            if self.config.ignore_bos and not self.training:
+                mask = mask.clone()
+                mask[:, 0] = 0
+            total, nlls = self.block_losses(inputs, mask, t, generator)
+            return Loss(loss=total / mask.sum(), nlls=nlls, token_mask=mask)
         if self.config.loss_path == "full":
             if self.parameterization == "ar":
                 per_token = obj.ar_loss(self.backbone(inputs, None), targets)

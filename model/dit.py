@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from model import block_diffusion
 from model.attention import attention, resolve_backend
 from model.config import ModelConfig
 from model.layers import (
@@ -50,16 +51,18 @@ class DDiTBlock(nn.Module):
         self.adaLN_modulation.bias.data.zero_()
         self.attn_backend = "sdpa"
 
-    def _attend(self, x, cos, sin):
+    def _attend(self, x, cos, sin, mask=None):
         qkv = self.attn_qkv(x)
         qkv = qkv.view(*qkv.shape[:2], 3, self.n_heads, -1)
         qkv = apply_rotary(qkv, cos, sin)
-        return self.attn_out(attention(qkv, self.causal, self.attn_backend))
+        return self.attn_out(attention(qkv, self.causal, self.attn_backend, mask))
 
-    def forward(self, x, cos, sin, c):
+    def forward(self, x, cos, sin, c, mask=None):
+        """``mask`` (seq, seq) boolean: which keys each query may attend to (block
+        diffusion's x_t and x_0 side by side); None attends to every position."""
         (shift_msa, scale_msa, gate_msa,
          shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
-        h = self._attend(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin)
+        h = self._attend(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin, mask)
         x = x + gate_msa * F.dropout(h, p=self.dropout, training=self.training)
         h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x + gate_mlp * F.dropout(h, p=self.dropout, training=self.training)
@@ -124,23 +127,34 @@ class DIT(nn.Module):
         self.output_layer = DDitFinalLayer(config.hidden_size, config.vocab_size,
                                            config.cond_dim)
 
-    def trunk(self, indices: torch.Tensor, sigma=None):
-        """The last block's hidden states (batch, length, hidden) and the conditioning c."""
+    def trunk(self, indices: torch.Tensor, sigma=None, clean: torch.Tensor | None = None):
+        """The last block's hidden states (batch, length, hidden) and the conditioning c.
+
+        ``clean`` (block diffusion's training pass): x_0 beside x_t = ``indices``, both at
+        positions 0..L-1, under ``block_diffusion.attention_mask``; the hidden states of
+        the x_t half are returned."""
         device = indices.device
+        length = indices.shape[1]
         set_attn_backend(self.blocks, self.config.attn_backend, device)
         sigma = as_sigma(sigma, indices.shape[0], device, self.config.time_conditioning)
-        x = self.vocab_embed(indices)
+        x = self.vocab_embed(indices if clean is None else torch.cat([indices, clean], 1))
         with torch.autocast(device_type=device.type, enabled=False):
             c = F.silu(self.sigma_map(sigma.float()))
-        cos, sin = self.rotary_emb(indices.shape[1], device)
+        cos, sin = self.rotary_emb(length, device)
+        args = (cos, sin, c)
+        if clean is not None:
+            mask = block_diffusion.attention_mask(length, self.config.blocks, device)
+            args = (torch.cat([cos, cos]), torch.cat([sin, sin]), c, mask)
         with mixed_precision(self.config, device):
-            x = run_blocks(self.blocks, x, (cos, sin, c), self.config.activation_checkpointing)
-        return x, c
+            x = run_blocks(self.blocks, x, args, self.config.activation_checkpointing)
+        return x[:, :length], c
 
-    def forward(self, indices: torch.Tensor, sigma=None, positions=None) -> torch.Tensor:
+    def forward(self, indices: torch.Tensor, sigma=None, positions=None,
+                clean=None) -> torch.Tensor:
         """``positions`` = (rows, cols) projects only those positions onto the vocabulary and
-        returns their logits, shape (k, vocab) (samplers that need a few rows)."""
-        x, c = self.trunk(indices, sigma)
+        returns their logits, shape (k, vocab) (samplers that need a few rows). ``clean``:
+        as for ``trunk`` (the logits are those of x_t's positions)."""
+        x, c = self.trunk(indices, sigma, clean)
         with mixed_precision(self.config, indices.device):
             if positions is not None:
                 rows, cols = positions
@@ -148,12 +162,12 @@ class DIT(nn.Module):
             return self.output_layer(x, c)
 
     def row_losses(self, indices: torch.Tensor, sigma, positions, row_loss, aux=(),
-                   row_weights=None, fill=None):
+                   row_weights=None, fill=None, clean=None):
         """``(sum_i w_i f_i, f)`` with ``f_i = row_loss(logits_i, aux_i)`` at the
         ``positions`` = (rows, cols) only (None: every position, batch-major), projected in
         chunks of ``model.loss_chunk_rows`` rows (see ``model.projection``): the whole
-        (batch, length, vocab) logits never exist."""
-        x, c = self.trunk(indices, sigma)
+        (batch, length, vocab) logits never exist. ``clean``: as for ``trunk``."""
+        x, c = self.trunk(indices, sigma, clean)
         with mixed_precision(self.config, indices.device):
             # the final norm and modulation at every position (elementwise, as the full
             # path computes them), then the rows selected; index_select's backward adds

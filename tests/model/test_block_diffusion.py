@@ -1,0 +1,128 @@
+"""Block diffusion (parameterization=bd3lm): its attention mask, and its loss against MDLM
+(one block) and against the autoregressive likelihood of the same network (blocks of 1)."""
+
+import math
+
+import pytest
+import torch
+
+from model import Diffusion, block_diffusion
+from model import objectives as obj
+from model.errors import ConfigError
+from tests.conftest import randomize_, tiny_config
+
+BD3 = dict(parameterization="bd3lm", resample=False)
+
+
+def brute_force_mask(length: int, block_size: int) -> torch.Tensor:
+    """The mask written out from its definition, one (query, key) pair at a time."""
+    mask = torch.zeros(2 * length, 2 * length, dtype=torch.bool)
+    for q in range(2 * length):
+        for k in range(2 * length):
+            q_clean, k_clean = q >= length, k >= length
+            q_block, k_block = (q % length) // block_size, (k % length) // block_size
+            if not q_clean and not k_clean:  # x_t: its own block only
+                mask[q, k] = q_block == k_block
+            elif not q_clean and k_clean:  # x_t reads the clean blocks before its own
+                mask[q, k] = k_block < q_block
+            elif q_clean and k_clean:  # x_0: block-causal
+                mask[q, k] = k_block <= q_block
+    return mask
+
+
+@pytest.mark.parametrize("length,block_size", [(1, 1), (4, 1), (4, 2), (4, 4), (6, 3),
+                                               (8, 2), (8, 8)])
+def test_attention_mask_equals_its_definition(length, block_size):
+    assert torch.equal(block_diffusion.attention_mask(length, block_size),
+                       brute_force_mask(length, block_size))
+
+
+def test_one_block_leaves_the_noisy_half_as_mdlm_sees_it():
+    """With block_size = length, x_t attends to nothing of x_0: its logits are the DiT's
+    on x_t alone."""
+    model = randomize_(Diffusion(tiny_config(**BD3)))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, 22, (3, 12), generator=g)
+    xt = torch.where(torch.rand(3, 12, generator=g) < 0.5, 22, x0)
+    torch.testing.assert_close(model.backbone(xt, None, clean=x0), model.backbone(xt, None),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss_path", ["masked", "full"])
+def test_one_block_gives_the_mdlm_loss_of_the_same_weights(loss_path, monkeypatch):
+    """Same weights, same t and same masked positions: the bd3lm loss with one block equals
+    MDLM's (whose weight sigma'/(e^sigma - 1) is 1/t under the log-linear schedule)."""
+    mdlm = randomize_(Diffusion(tiny_config(loss_path=loss_path)))
+    bd3 = Diffusion(tiny_config(loss_path=loss_path, **BD3))
+    bd3.load_state_dict(mdlm.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randint(0, 22, (4, 12), generator=g)
+    xt = torch.where(torch.rand(4, 12, generator=g) < 0.6, 22, x0)
+    mask = torch.ones_like(x0)
+    mask[2, 8:] = 0
+    t = torch.tensor([0.3, 0.6, 0.9, 0.5])
+    monkeypatch.setattr(obj, "q_xt", lambda *args, **kwargs: xt.clone())
+    monkeypatch.setattr(block_diffusion, "q_xt", lambda *args, **kwargs: xt.clone())
+    ours, theirs = bd3.loss(x0, mask, t=t), mdlm.loss(x0, mask, t=t)
+    torch.testing.assert_close(ours.nlls, theirs.nlls, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_path_equals_full_path():
+    losses, grads = {}, {}
+    for path in ("masked", "full"):
+        model = randomize_(Diffusion(tiny_config(loss_path=path, block_size=4, **BD3)))
+        x0 = torch.randint(0, 22, (3, 12), generator=torch.Generator().manual_seed(2))
+        out = model.loss(x0, generator=torch.Generator().manual_seed(3))
+        out.loss.backward()
+        losses[path] = out.nlls
+        grads[path] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(losses["masked"], losses["full"], rtol=1e-6, atol=1e-6)
+    for name, grad in grads["full"].items():
+        torch.testing.assert_close(grads["masked"][name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_blocks_of_one_token_estimate_the_autoregressive_likelihood():
+    """Block size 1: token i is masked with probability t and then weighs 1/t, and it sees
+    only the clean tokens before it. So the expected loss is the network's exact
+    autoregressive NLL, the loss with every token masked (t = 1): a Monte Carlo test at
+    fixed seeds, within four standard errors."""
+    model = randomize_(Diffusion(tiny_config(block_size=1, **BD3)), std=0.3).eval()
+    x0 = torch.randint(0, 22, (2, 12), generator=torch.Generator().manual_seed(4))
+    exact_model = Diffusion(tiny_config(block_size=1, sampling_eps_min=1.0,
+                                        sampling_eps_max=1.0, **BD3)).eval()
+    exact_model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        exact = exact_model.loss(x0).nlls.sum(-1)
+        g = torch.Generator().manual_seed(5)  # 2000 draws for each sequence, in one batch
+        draws = model.loss(x0.repeat(2000, 1), generator=g).nlls.sum(-1).view(2000, 2)
+    mean, stderr = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
+    assert ((mean - exact).abs() < 4 * stderr).all(), (mean, exact, stderr)
+    assert (stderr < 0.05 * exact).all()  # the test has the power to see a wrong weight
+
+
+def test_clipped_masking_keeps_every_block_inside_its_bounds():
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.randint(0, 22, (64, 16), generator=g)
+    t = block_diffusion.sample_block_t(64, 4, "cpu", 0.3, 0.8, generator=g)
+    assert ((t >= 0.3) & (t <= 0.8)).all()
+    xt = block_diffusion.q_xt(x0, t, 4, 22, 0.3, 0.8, resample=True, generator=g)
+    share = (xt == 22).float().view(64, 4, 4).mean(-1)
+    assert ((share >= 0.3) & (share <= 0.8)).all()
+
+
+def test_antithetic_times_cover_every_stratum_once():
+    t = block_diffusion.sample_block_t(4, 8, "cpu", 0.0 + 1e-9, 1.0,
+                                       generator=torch.Generator().manual_seed(7))
+    strata = torch.sort((t.flatten() * 32).floor()).values
+    assert torch.equal(strata, torch.arange(32, dtype=strata.dtype))
+
+
+@pytest.mark.parametrize("changes,words", [
+    (dict(block_size=5), "model.block_size=5 must divide model.length=12"),
+    (dict(sampling_eps_min=0.6, sampling_eps_max=0.4), "must satisfy 0 < min <= max <= 1"),
+    (dict(time_conditioning=True), "without time conditioning"),
+])
+def test_bad_block_diffusion_settings_are_one_sentence(changes, words):
+    with pytest.raises(ConfigError, match=words):
+        tiny_config(**{**BD3, **changes})
