@@ -71,7 +71,7 @@ class ModelConfig:
     block_size: int = 0
     sampling_eps_min: float = 1e-3
     sampling_eps_max: float = 1.0
-    resample: bool = True
+    resample: bool = False
     ignore_bos: bool = False
 
     def __post_init__(self):
@@ -241,6 +241,11 @@ def from_run_config(cfg, vocab_size: int, mask_index: int, **extra) -> ModelConf
         loss_path=m.get("loss_path", "masked"),
         loss_chunk_rows=m.get("loss_chunk_rows", 0),
         activation_checkpointing=m.get("activation_checkpointing", False),
+        block_size=int(cfg.get("block_size") or 0),
+        sampling_eps_min=training.get("sampling_eps_min", 1e-3),
+        sampling_eps_max=training.get("sampling_eps_max", 1.0),
+        resample=training.get("resample", False),
+        ignore_bos=cfg.get("ignore_bos", False),
     )
     values.update(extra)
     return ModelConfig(**values)

@@ -28,6 +28,7 @@ from model.layers import (
     autocast_dtype,
     mlp,
     modulate,
+    rotate,
 )
 from model.projection import Projection
 
@@ -66,6 +67,29 @@ class DDiTBlock(nn.Module):
         x = x + gate_msa * F.dropout(h, p=self.dropout, training=self.training)
         h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x + gate_mlp * F.dropout(h, p=self.dropout, training=self.training)
+
+
+    def extend(self, x, cos, sin, c, past=None):
+        """Block diffusion's sampling step through this block: ``x`` (batch, b, hidden), a
+        block after the cached prefix ``past`` = (k, v) (batch, n, heads, head_dim), its keys
+        and values before rotary (None: no prefix), attending to the whole prefix and
+        itself. ``cos``/``sin`` cover the positions of prefix and block. Returns the block's
+        output and (k, v) of prefix and block."""
+        (shift_msa, scale_msa, gate_msa,
+         shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        qkv = self.attn_qkv(modulate(self.norm1(x), shift_msa, scale_msa))
+        q, k, v = qkv.view(*qkv.shape[:2], 3, self.n_heads, -1).unbind(2)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
+        n, b = k.shape[1], x.shape[1]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            q_rot, k_rot = rotate(q, cos[n - b:n], sin[n - b:n]), rotate(k, cos[:n], sin[:n])
+        h = F.scaled_dot_product_attention(q_rot.transpose(1, 2), k_rot.transpose(1, 2),
+                                           v.transpose(1, 2))
+        h = self.attn_out(h.transpose(1, 2).reshape(*x.shape[:2], -1))
+        x = x + gate_msa * F.dropout(h, p=self.dropout, training=self.training)
+        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp * F.dropout(h, p=self.dropout, training=self.training), (k, v)
 
 
 class DDitFinalLayer(nn.Module):
@@ -127,12 +151,14 @@ class DIT(nn.Module):
         self.output_layer = DDitFinalLayer(config.hidden_size, config.vocab_size,
                                            config.cond_dim)
 
-    def trunk(self, indices: torch.Tensor, sigma=None, clean: torch.Tensor | None = None):
+    def trunk(self, indices: torch.Tensor, sigma=None, clean: torch.Tensor | None = None,
+              attn_mask: torch.Tensor | None = None):
         """The last block's hidden states (batch, length, hidden) and the conditioning c.
 
         ``clean`` (block diffusion's training pass): x_0 beside x_t = ``indices``, both at
         positions 0..L-1, under ``block_diffusion.attention_mask``; the hidden states of
-        the x_t half are returned."""
+        the x_t half are returned. ``attn_mask`` (length, length) boolean: which positions
+        each may attend to (None: all)."""
         device = indices.device
         length = indices.shape[1]
         set_attn_backend(self.blocks, self.config.attn_backend, device)
@@ -141,7 +167,7 @@ class DIT(nn.Module):
         with torch.autocast(device_type=device.type, enabled=False):
             c = F.silu(self.sigma_map(sigma.float()))
         cos, sin = self.rotary_emb(length, device)
-        args = (cos, sin, c)
+        args = (cos, sin, c) if attn_mask is None else (cos, sin, c, attn_mask)
         if clean is not None:
             mask = block_diffusion.attention_mask(length, self.config.blocks, device)
             args = (torch.cat([cos, cos]), torch.cat([sin, sin]), c, mask)
@@ -150,11 +176,11 @@ class DIT(nn.Module):
         return x[:, :length], c
 
     def forward(self, indices: torch.Tensor, sigma=None, positions=None,
-                clean=None) -> torch.Tensor:
+                clean=None, attn_mask=None) -> torch.Tensor:
         """``positions`` = (rows, cols) projects only those positions onto the vocabulary and
-        returns their logits, shape (k, vocab) (samplers that need a few rows). ``clean``:
-        as for ``trunk`` (the logits are those of x_t's positions)."""
-        x, c = self.trunk(indices, sigma, clean)
+        returns their logits, shape (k, vocab) (samplers that need a few rows). ``clean``
+        and ``attn_mask``: as for ``trunk`` (the logits are those of x_t's positions)."""
+        x, c = self.trunk(indices, sigma, clean, attn_mask)
         with mixed_precision(self.config, indices.device):
             if positions is not None:
                 rows, cols = positions
@@ -178,6 +204,36 @@ class DIT(nn.Module):
                 h = h.index_select(0, flat_positions(positions, x.shape[1]))
             return self.output_layer.linear(h, row_loss, aux, row_weights,
                                             self.config.loss_chunk_rows, fill)
+
+
+    def extend(self, block: torch.Tensor, cache: list | None, sigma=None,
+               logits: bool = True):
+        """Block diffusion's sampling pass over one block: ``block`` (batch, b) after the
+        prefix whose per-layer keys and values ``cache`` holds (None: none), seeing the
+        whole prefix and itself. Returns (logits of the block's positions or None, the
+        cache with the block appended); the positions of prefix and block are 0..n-1."""
+        device = block.device
+        set_attn_backend(self.blocks, self.config.attn_backend, device)
+        sigma = as_sigma(sigma, block.shape[0], device, self.config.time_conditioning)
+        x = self.vocab_embed(block)
+        with torch.autocast(device_type=device.type, enabled=False):
+            c = F.silu(self.sigma_map(sigma.float()))
+        n = block.shape[1] + (0 if cache is None else cache[0][0].shape[1])
+        cos, sin = self.rotary_emb(n, device)
+        new_cache = []
+        with mixed_precision(self.config, device):
+            for i, layer in enumerate(self.blocks):
+                x, kv = layer.extend(x, cos, sin, c, None if cache is None else cache[i])
+                new_cache.append(kv)
+            out = self.output_layer(x, c) if logits else None
+        return out, new_cache
+
+
+def block_causal_mask(length: int, block_size: int, device=None) -> torch.Tensor:
+    """(length, length) boolean: position i attends to j when j's block is not after i's
+    (what block diffusion's sampler computes, the last block being the noisy one)."""
+    block = torch.arange(length, device=device) // block_size
+    return block[None, :] <= block[:, None]
 
 
 def flat_positions(positions, length: int) -> torch.Tensor:

@@ -115,15 +115,18 @@ def apply_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     As the release's fused kernel does: cos/sin rounded to qkv's dtype, the rotation
     computed in float32 and rounded once.
     """
-    dtype = qkv.dtype
     with torch.autocast(device_type=qkv.device.type, enabled=False):
-        cos = cos.to(dtype).float()[None, :, None, :]
-        sin = sin.to(dtype).float()[None, :, None, :]
         q, k, v = qkv.unbind(2)
-        q, k = q.float(), k.float()
-        q = (q * cos + rotate_half(q) * sin).to(dtype)
-        k = (k * cos + rotate_half(k) * sin).to(dtype)
-        return torch.stack((q, k, v), dim=2)
+        return torch.stack((rotate(q, cos, sin), rotate(k, cos, sin), v), dim=2)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """q or k, (batch, seq, heads, head_dim), rotated as ``apply_rotary`` rotates them."""
+    dtype = x.dtype
+    cos = cos.to(dtype).float()[None, :, None, :]
+    sin = sin.to(dtype).float()[None, :, None, :]
+    x = x.float()
+    return (x * cos + rotate_half(x) * sin).to(dtype)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,10 @@ def load_model(cfg, tokenizer, device):
         backbone="ar" if cfg.backbone == "ar" else "dit", length=int(cfg.model.length),
         attn_backend=cfg.model.get("attn_backend", "auto"),
         autocast=cfg.model.get("autocast", "auto"),
+        block_size=int(cfg.get("block_size") or 0), ignore_bos=cfg.get("ignore_bos", False),
+        sampling_eps_min=training.get("sampling_eps_min", 1e-3),
+        sampling_eps_max=training.get("sampling_eps_max", 1.0),
+        resample=training.get("resample", False),
     )
     model = load_pretrained(path, use_ema=not cfg.eval.disable_ema, device=device,
                             trust=bool(cfg.eval.get("trust_checkpoint", False)), **overrides)

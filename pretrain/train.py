@@ -89,7 +89,8 @@ def check_resume(run_state: dict, model_config, tag_dir: Path, ds_cfg: dict,
     saved = run_state["model_config"]
     ours = model_config.to_dict()
     keys = ("backbone", "parameterization", "vocab_size", "mask_index", "length",
-            "hidden_size", "cond_dim", "n_blocks", "n_heads", "time_conditioning", "T")
+            "hidden_size", "cond_dim", "n_blocks", "n_heads", "time_conditioning", "T",
+            "block_size")
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs run {ours.get(k)!r}" for k in keys
             if saved.get(k) != ours.get(k)]
     if diff:

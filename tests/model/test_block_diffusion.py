@@ -126,3 +126,46 @@ def test_antithetic_times_cover_every_stratum_once():
 def test_bad_block_diffusion_settings_are_one_sentence(changes, words):
     with pytest.raises(ConfigError, match=words):
         tiny_config(**{**BD3, **changes})
+
+
+def test_the_sampling_pass_gives_the_training_logits():
+    """A noisy block after a clean prefix, through the cache, has the logits the training
+    pass gives that block of x_t beside x_0: sampling and training see the same thing."""
+    model = randomize_(Diffusion(tiny_config(block_size=4, **BD3)))
+    g = torch.Generator().manual_seed(8)
+    x0 = torch.randint(0, 22, (2, 12), generator=g)
+    xt = torch.where(torch.rand(2, 12, generator=g) < 0.5, 22, x0)
+    trained = model.backbone(xt, None, clean=x0)
+    cache = None
+    for start in range(0, 12, 4):
+        logits, _ = model.backbone.extend(xt[:, start:start + 4], cache)
+        torch.testing.assert_close(logits, trained[:, start:start + 4], rtol=1e-5, atol=1e-5)
+        _, cache = model.backbone.extend(x0[:, start:start + 4], cache, logits=False)
+
+
+@pytest.mark.parametrize("predictor", ["ddpm_cache", "first_hitting"])
+def test_cached_sampling_equals_recomputing_the_prefix(predictor):
+    from sampling.blocks import block_sample
+
+    model = randomize_(Diffusion(tiny_config(block_size=4, length=16, **BD3)), std=0.3).eval()
+    runs = [block_sample(model, 3, 16, 8, predictor=predictor, kv_cache=cache,
+                         generator=torch.Generator().manual_seed(9)) for cache in (True, False)]
+    (cached, _, cached_calls), (recomputed, _, recomputed_calls) = runs
+    assert torch.equal(cached, recomputed)
+    assert (cached != 22).all()
+    assert cached_calls == recomputed_calls
+
+
+def test_sampling_goes_past_the_training_length_and_stops_at_eos():
+    from sampling.blocks import block_sample
+
+    model = randomize_(Diffusion(tiny_config(block_size=4, length=8, bos_index=0,
+                                             eos_index=0, **BD3)), std=0.3).eval()
+    tokens, lengths, _ = block_sample(model, 2, 24, 4, generator=torch.Generator().manual_seed(1))
+    assert tokens.shape == (2, 24) and (lengths == 24).all() and (tokens[:, 0] == 0).all()
+    with torch.no_grad():
+        model.backbone.output_layer.linear.bias[0] = 50.0  # every token predicted is EOS
+    tokens, lengths, _ = block_sample(model, 2, 24, 4, stop_at_eos=True,
+                                      generator=torch.Generator().manual_seed(1))
+    assert tokens.shape == (2, 4)  # all rows stopped after the first block
+    assert lengths.tolist() == [2, 2]  # BOS, then the EOS that ends the text
