@@ -41,11 +41,16 @@ HF_FIELDS = {
     "dropout": "dropout",
     "time_conditioning": "time_conditioning",
 }
+# a BD3-LM release config.json: settings that must have these values, and the clip bounds
+# of its noise schedule (also stored as top-level tensors in its weights, which win)
+BD3LM_FIXED = {"cross_attn": True, "adaln": True, "causal": False}
+BD3LM_CLIPS = ("sampling_eps_min", "sampling_eps_max")
 # the code transformers imports for trust_remote_code=True, copied beside the weights
 REMOTE_DIR = Path(__file__).parent / "remote"
 REMOTE_FILES = ("configuration_mdlm.py", "modeling_mdlm.py")
 EXTRA_FIELDS = ("backbone", "parameterization", "mask_index", "T", "subs_masking", "noise",
-                "bos_index", "eos_index")
+                "bos_index", "eos_index", "block_size", "ignore_bos", "sampling_eps_min",
+                "sampling_eps_max")
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -53,16 +58,30 @@ def is_hf_dir(path: Path) -> bool:
 
 
 def read_config(directory: Path) -> dict:
-    """ModelConfig values from an HF-layout config.json."""
+    """ModelConfig values from an HF-layout config.json: MDLM's (``model_type: "mdlm"``) or
+    the BD3-LM release's (``"bd3lm"``, kuleshov-group/bd3lm-owt-block_size*: its
+    ``block_size`` and clip bounds; the x_t/x_0 cross-attention DiT with adaLN, trained
+    with the first token clean)."""
     with open(directory / CONFIG_NAME) as f:
         raw = json.load(f)
     model_type = raw.get("model_type")
-    if model_type != "mdlm":
+    if model_type not in ("mdlm", "bd3lm"):
         raise CheckpointError(
-            f"{directory / CONFIG_NAME} has model_type={model_type!r}, not 'mdlm'; point "
-            "load_pretrained at an MDLM checkpoint (the kuleshov-group/mdlm-owt layout)."
+            f"{directory / CONFIG_NAME} has model_type={model_type!r}, not 'mdlm' or 'bd3lm'; "
+            "point load_pretrained at an MDLM or BD3-LM checkpoint (the "
+            "kuleshov-group/mdlm-owt or bd3lm-owt-block_size* layout)."
         )
     values = {field: raw[key] for key, field in HF_FIELDS.items() if key in raw}
+    if model_type == "bd3lm":
+        unsupported = {key: raw[key] for key, want in BD3LM_FIXED.items()
+                       if key in raw and raw[key] != want}
+        if unsupported:
+            raise CheckpointError(
+                f"{directory / CONFIG_NAME} describes a BD3-LM with {unsupported}; only the "
+                f"release's architecture ({BD3LM_FIXED}) loads here.")
+        values.update(parameterization="bd3lm", ignore_bos=True,
+                      block_size=int(raw.get("block_size", 1)))
+        values.update({key: float(raw[key]) for key in BD3LM_CLIPS if key in raw})
     values.update({key: raw[key] for key in EXTRA_FIELDS if key in raw})
     if "mask_index" not in values and "vocab_size" in values:
         # The release's GPT-2 model: the mask token is the last entry of the vocabulary.

@@ -106,7 +106,10 @@ _READ_ERRORS = _read_errors()
 
 def _read_hf(directory: Path) -> tuple[dict, dict, bool]:
     values = hf.read_config(directory)
-    state = strip_prefix(hf.read_weights(directory))
+    weights = hf.read_weights(directory)
+    if values.get("parameterization") == "bd3lm":  # the clip bounds its validation chose
+        values.update({key: float(weights[key]) for key in hf.BD3LM_CLIPS if key in weights})
+    state = strip_prefix(weights)
     if not state:
         raise CheckpointError(
             f"{directory} holds no 'backbone.*' weights; it is not in the mdlm-owt layout."

@@ -8,7 +8,7 @@ import torch
 
 from model import Diffusion, block_diffusion
 from model import objectives as obj
-from model.errors import ConfigError
+from model.errors import CheckpointError, ConfigError
 from tests.conftest import randomize_, tiny_config
 
 BD3 = dict(parameterization="bd3lm", resample=False)
@@ -169,3 +169,96 @@ def test_sampling_goes_past_the_training_length_and_stops_at_eos():
                                       generator=torch.Generator().manual_seed(1))
     assert tokens.shape == (2, 4)  # all rows stopped after the first block
     assert lengths.tolist() == [2, 2]  # BOS, then the EOS that ends the text
+
+
+def reference_bd3lm_logits(state: dict, x_t, x_0, block_size: int, n_heads: int):
+    """The BD3-LM release's DiT forward on x_t beside x_0, written out from its weights
+    alone (no project code): embeddings, rotary at positions 0..L-1 for both halves, the
+    block-diffusion mask, adaLN blocks without time conditioning, the x_t half's logits."""
+    import torch.nn.functional as F
+
+    def w(name):
+        return state["backbone." + name]
+
+    length = x_t.shape[1]
+    x = w("vocab_embed.embedding")[torch.cat([x_t, x_0], 1)]
+    t_freq = torch.zeros(x.shape[0], 256)  # sigma = 0: cos(0) = 1, sin(0) = 0
+    t_freq[:, :128] = 1.0
+    c = F.linear(t_freq, w("sigma_map.mlp.0.weight"), w("sigma_map.mlp.0.bias"))
+    c = F.silu(F.linear(F.silu(c), w("sigma_map.mlp.2.weight"), w("sigma_map.mlp.2.bias")))
+    head = x.shape[-1] // n_heads
+    inv = 1.0 / (10000 ** (torch.arange(0, head, 2).float() / head))
+    angles = torch.outer(torch.arange(length).float(), inv).repeat(2, 1)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+
+    def rope(t):
+        half = t.shape[-1] // 2
+        return t * cos[None, :, None] + torch.cat([-t[..., half:], t[..., :half]], -1) \
+            * sin[None, :, None]
+
+    mask = brute_force_mask(length, block_size)
+    n_layers = len({k.split(".")[2] for k in state if k.startswith("backbone.blocks.")})
+    for i in range(n_layers):
+        def b(name, i=i):
+            return w(f"blocks.{i}.{name}")
+        mods = F.linear(c, b("adaLN_modulation.weight"), b("adaLN_modulation.bias"))
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods[:, None].chunk(6, -1)
+        h = F.layer_norm(x, (x.shape[-1],), b("norm1.weight")) * (1 + scale1) + shift1
+        q, k, v = (h @ b("attn_qkv.weight").T).view(*h.shape[:2], 3, n_heads, head).unbind(2)
+        q, k = rope(q), rope(k)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / head ** 0.5
+        attn = scores.masked_fill(~mask, -torch.inf).softmax(-1)
+        h = torch.einsum("bhqk,bkhd->bqhd", attn, v).reshape(h.shape)
+        x = x + gate1 * (h @ b("attn_out.weight").T)
+        h = F.layer_norm(x, (x.shape[-1],), b("norm2.weight")) * (1 + scale2) + shift2
+        h = F.linear(F.gelu(F.linear(h, b("mlp.0.weight"), b("mlp.0.bias")), approximate="tanh"),
+                     b("mlp.2.weight"), b("mlp.2.bias"))
+        x = x + gate2 * h
+    shift, scale = F.linear(c, w("output_layer.adaLN_modulation.weight"),
+                            w("output_layer.adaLN_modulation.bias"))[:, None].chunk(2, -1)
+    h = F.layer_norm(x[:, :length], (x.shape[-1],), w("output_layer.norm_final.weight"))
+    return F.linear(h * (1 + scale) + shift, w("output_layer.linear.weight"),
+                    w("output_layer.linear.bias"))
+
+
+def test_a_release_bd3lm_checkpoint_loads_and_gives_the_reference_logits(tmp_path):
+    """config.json and weights as kuleshov-group/bd3lm-owt-block_size4 holds them (its
+    learned clip bounds as top-level tensors), written here: strict keys, the release's
+    settings, and logits equal to the reference forward above."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from model import load_pretrained
+
+    source = randomize_(Diffusion(tiny_config(block_size=4, **BD3)), std=0.2)
+    state = {"backbone." + k: v.clone().contiguous()
+             for k, v in source.backbone.state_dict().items()}
+    state.update(sampling_eps_min=torch.tensor(0.45), sampling_eps_max=torch.tensor(0.95))
+    directory = tmp_path / "bd3lm-owt-block_size4"
+    directory.mkdir()
+    save_file(state, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps({
+        "model_type": "bd3lm", "architectures": ["BD3LM"], "block_size": 4,
+        "vocab_size": 23, "model_length": 12, "cross_attn": True, "adaln": True,
+        "attn_backend": "flex", "causal": False, "hidden_dim": 32, "cond_dim": 16,
+        "n_blocks": 2, "n_heads": 2, "dropout": 0.1, "time_conditioning": False,
+        "var_min": True, "sampling_eps_min": 1e-3, "sampling_eps_max": 0.999,
+        "return_dict": False}))
+    loaded = load_pretrained(directory)
+    c = loaded.config
+    assert (c.parameterization, c.block_size, c.ignore_bos, c.mask_index) == ("bd3lm", 4, True,
+                                                                                22)
+    assert (c.sampling_eps_min, c.sampling_eps_max) == pytest.approx((0.45, 0.95))
+    g = torch.Generator().manual_seed(10)
+    x0 = torch.randint(0, 22, (2, 12), generator=g)
+    xt = torch.where(torch.rand(2, 12, generator=g) < 0.5, 22, x0)
+    with torch.no_grad():
+        ours = loaded.backbone(xt, None, clean=x0)
+        reference = reference_bd3lm_logits(state, xt, x0, 4, n_heads=2)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+    del state["backbone.blocks.1.attn_out.weight"]
+    save_file(state, str(directory / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing keys: blocks.1.attn_out.weight"):
+        load_pretrained(directory)
