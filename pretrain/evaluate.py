@@ -38,14 +38,16 @@ def load_model(cfg, tokenizer, device):
         antithetic_sampling=training.antithetic_sampling,
         importance_sampling=training.importance_sampling,
         change_of_variables=training.change_of_variables, sampling_eps=training.sampling_eps,
-        backbone="ar" if cfg.backbone == "ar" else "dit", length=int(cfg.model.length),
+        backbone="ar" if cfg.backbone == "ar" else "dit",
         attn_backend=cfg.model.get("attn_backend", "auto"),
         autocast=cfg.model.get("autocast", "auto"),
-        block_size=int(cfg.get("block_size") or 0), ignore_bos=cfg.get("ignore_bos", False),
-        sampling_eps_min=training.get("sampling_eps_min", 1e-3),
-        sampling_eps_max=training.get("sampling_eps_max", 1.0),
-        resample=training.get("resample", False),
     )
+    if cfg.parameterization != "bd3lm":
+        overrides["length"] = int(cfg.model.length)
+    elif cfg.get("block_size") is not None:
+        # block diffusion keeps its context (the sampler's window), its clip bounds and
+        # ignore_bos from the checkpoint; block_size when given
+        overrides["block_size"] = int(cfg.block_size)
     model = load_pretrained(path, use_ema=not cfg.eval.disable_ema, device=device,
                             trust=bool(cfg.eval.get("trust_checkpoint", False)), **overrides)
     ids = tokenizer_ids(tokenizer)

@@ -25,6 +25,7 @@ from pretrain import distributed as D
 from pretrain.data.shards import atomic_write_bytes
 from pretrain.evaluate import setup
 from sampling import Knobs, ar_sample, check_model, sample, semi_ar_sample
+from sampling.blocks import block_sample
 
 
 def knobs_of(cfg) -> Knobs:
@@ -36,16 +37,35 @@ def knobs_of(cfg) -> Knobs:
     return knobs
 
 
-def draw(model, cfg, batch_size: int, generator, bos_index: int, knobs: Knobs | None = None):
+def draw(model, cfg, batch_size: int, generator, bos_index: int,
+         knobs: Knobs | None = None) -> tuple[list[list[int]], int]:
+    """One batch of samples as token rows, and the network calls it took. Block diffusion
+    samples ``model.length`` tokens whatever the checkpoint's context (its window)."""
     knobs = knobs or knobs_of(cfg)
     length = int(cfg.model.length)
+    if model.parameterization == "bd3lm":
+        tokens, lengths, nfe = block_sample(
+            model, batch_size, length, int(knobs.steps), predictor=knobs.predictor,
+            generator=generator, kv_cache=bool(knobs.kv_cache), temperature=knobs.temperature,
+            top_p=knobs.top_p, stop_at_eos=bool(knobs.var_length),
+            min_entropy=VAR_LENGTH_ENTROPY if knobs.var_length else None,
+            gumbel_dtype=knobs.gumbel_dtype)
+        return [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())], nfe
     if model.parameterization == "ar":
-        return ar_sample(model, batch_size, length, bos_index, generator,
-                         knobs.gumbel_dtype, temperature=knobs.temperature, top_p=knobs.top_p)
-    if knobs.semi_ar:
-        return semi_ar_sample(model, batch_size, length, int(knobs.stride_length),
-                              int(knobs.num_strides), knobs=knobs, generator=generator)
-    return sample(model, batch_size, length, knobs, generator=generator)
+        tokens, nfe = ar_sample(model, batch_size, length, bos_index, generator,
+                                knobs.gumbel_dtype, temperature=knobs.temperature,
+                                top_p=knobs.top_p)
+    elif knobs.semi_ar:
+        tokens, nfe = semi_ar_sample(model, batch_size, length, int(knobs.stride_length),
+                                     int(knobs.num_strides), knobs=knobs, generator=generator)
+    else:
+        tokens, nfe = sample(model, batch_size, length, knobs, generator=generator)
+    return tokens.tolist(), nfe
+
+
+# block diffusion's variable-length rule (the BD3-LM release's): stop when the unigram
+# entropy of the last 256 tokens falls below this many nats
+VAR_LENGTH_ENTROPY = 4.0
 
 
 # transformers 4.38's clean_up_tokenization, which its decode applied by default (later
@@ -164,9 +184,8 @@ def run(cfg):
     for _ in tqdm(range(knobs.num_sample_batches), desc="sampling", unit="batch",
                   disable=D.rank() != 0):
         t0 = time.perf_counter()
-        tokens, nfe = draw(model, cfg, batch_size, generator, tokenizer.bos_token_id, knobs)
+        rows, nfe = draw(model, cfg, batch_size, generator, tokenizer.bos_token_id, knobs)
         seconds = (time.perf_counter() - t0) / batch_size
-        rows = tokens.tolist()
         if cfg.sampling.get("stop_at_eos", False):
             rows = [cut_at_eos(row, tokenizer.eos_token_id, int(cfg.model.length))
                     for row in rows]

@@ -121,9 +121,9 @@ def samples(engine, model, cfg, tokenizer, device, step: int, run_dir: Path | No
         int(cfg.seed) + 7919 * D.rank() + 104_729 * step)
     rows, nfes = [], []
     for _ in range(knobs.num_sample_batches):
-        tokens, nfe = draw(sampler, cfg, int(cfg.loader.eval_batch_size), generator,
-                           tokenizer.bos_token_id, knobs)
-        rows += tokens.tolist()
+        batch_rows, nfe = draw(sampler, cfg, int(cfg.loader.eval_batch_size), generator,
+                               tokenizer.bos_token_id, knobs)
+        rows += batch_rows
         nfes.append(nfe)
     del sampler
     rows = D.gather_lists(rows)

@@ -42,6 +42,10 @@ class Knobs:
     t_on: float = 0.55
     t_off: float = 0.05
     alpha_on: float = 0.9
+    # block diffusion (parameterization=bd3lm): the clean prefix's keys and values kept
+    # across blocks; samples cut at EOS or when their last 256 tokens' entropy collapses
+    kv_cache: bool = True
+    var_length: bool = False
     # windows and batches of a run
     semi_ar: bool = False
     stride_length: int = 1
@@ -159,6 +163,15 @@ def check_model(k: Knobs, parameterization: str, time_conditioning: bool, noise:
     entry = PREDICTORS[k.predictor]
     fix = "use ddpm_cache or analytic"
     if parameterization == "ar":
+        return
+    if parameterization == "bd3lm":
+        from sampling.blocks import PREDICTORS as BLOCK_PREDICTORS
+
+        _need(k.predictor in BLOCK_PREDICTORS,
+              f"sampling.predictor={k.predictor} does not sample block diffusion "
+              f"(parameterization=bd3lm); use one of {list(BLOCK_PREDICTORS)}.")
+        _need(not k.semi_ar, "sampling.semi_ar=True is for MDLM; block diffusion samples "
+              "any length block by block: set model.length to the length wanted.")
         return
     kinds = " or ".join(p.upper() for p in entry.parameterizations)
     _need(parameterization in entry.parameterizations,
