@@ -146,6 +146,14 @@ def run(cfg):
                  "steps (and the first validation) wait for it", model_config.compile)
     # the checkpoints keep model.compile as set ("auto" stays "auto")
     model = Diffusion(model_config.replace(compile=compile_blocks and not late_compile))
+    start_from = cfg.training.get("from_pretrained")
+    if start_from and tag is None:  # a fresh run starts from these weights (not a resume)
+        from model.checkpoint import load_weights
+
+        source = load_weights(model.backbone, str(start_from),
+                              trust=bool(cfg.checkpointing.get("trust", False)))
+        if rank == 0:
+            log.info("training.from_pretrained: the weights of %s", source)
     ds_config.apply_tf32(cfg, device.type)
     module = LossModule(model)
     optimizer = optim.build(module, cfg, ds_cfg)
@@ -169,6 +177,11 @@ def run(cfg):
         state = checkpointing.load(engine, checkpoint_dir, tag, ema, cfg.checkpointing.trust)
         sampler.load_state_dict(state["sampler"])
         step, tokens_seen, skipped_total = state["step"], state["tokens"], state["skipped"]
+        saved = state.get("model_config", {})
+        for key in ("sampling_eps_min", "sampling_eps_max"):  # a clip the search chose
+            if key in saved and model.parameterization == "bd3lm":
+                setattr(model.config, key, saved[key])
+                setattr(model_config, key, saved[key])
         if not (checkpoint_dir / tag / f"rank_{rank:05d}.pt").is_file():
             _seed_rank(cfg.seed + step, rank)  # a rank the checkpoint did not have
         if rank == 0:
@@ -282,6 +295,10 @@ def run(cfg):
             record.update({f"val/{k}": v for k, v in validate(
                 engine, model, ema, valid_set, cfg, device, tokenizer=tokenizer, step=step,
                 run_dir=run_dir, metrics=metrics).items()})
+            # block diffusion's clip search may have moved the training clip: checkpoints
+            # keep it
+            model_config.sampling_eps_min = model.config.sampling_eps_min
+            model_config.sampling_eps_max = model.config.sampling_eps_max
         metrics.log(step, record)
 
         if fail_at is not None and step == int(fail_at) and rank == fail_rank:

@@ -34,7 +34,10 @@ def validate(engine, model, ema, dataset, cfg, device, *, tokenizer=None, step: 
         ema.swap_in(engine)
     engine.eval()
     try:
-        result = split_bound(engine, dataset, cfg, device)
+        with clip_bounds(model, *elbo_bounds(model)):
+            result = split_bound(engine, dataset, cfg, device)
+        if model.parameterization == "bd3lm" and clip_widths(cfg):
+            result.update(clip_search(engine, model, dataset, cfg, device))
         if tokenizer is not None and wants_samples(cfg):
             result.update(samples(engine, model, cfg, tokenizer, device, step, run_dir,
                                   metrics))
@@ -72,6 +75,94 @@ def split_bound(engine, dataset, cfg, device) -> dict:
     total = D.all_reduce(torch.stack([nll, tokens]).to(device))
     mean = float(total[0] / total[1])
     return {"nll": mean, "ppl": math.exp(mean), "bpd": mean / LN2, "tokens": float(total[1])}
+
+
+# ---------------------------------------------------------------- block diffusion's clip
+def elbo_bounds(model) -> tuple[float, float]:
+    """The times of the reported bound: block diffusion's unclipped schedule (the clip its
+    training uses gives no bound), or the likelihood itself at blocks of one token when
+    the model trains with every token masked. Others: their own."""
+    c = model.config
+    if model.parameterization != "bd3lm" or (c.blocks == 1 and c.sampling_eps_min >= 1):
+        return c.sampling_eps_min, c.sampling_eps_max
+    from model.block_diffusion import DEFAULT_EPS_MIN
+
+    return DEFAULT_EPS_MIN, 1.0
+
+
+class clip_bounds:
+    """Sets the model's clip window for the duration of a ``with``."""
+
+    def __init__(self, model, low: float, high: float):
+        self.config, self.window = model.config, (low, high)
+
+    def __enter__(self):
+        self.saved = (self.config.sampling_eps_min, self.config.sampling_eps_max)
+        self.config.sampling_eps_min, self.config.sampling_eps_max = self.window
+
+    def __exit__(self, *exc):
+        self.config.sampling_eps_min, self.config.sampling_eps_max = self.saved
+
+
+def clip_widths(cfg) -> list[float]:
+    return [float(w) for w in (cfg.training.get("clip_search_widths") or [])]
+
+
+def clip_windows(widths: list[float], delta: float, eps: float) -> list[tuple[float, float]]:
+    """The release's candidates: the unclipped (eps, 1), then for each width w the windows
+    [i, i + w] for i = 0, delta, ... up to 1 - w (both ends at least eps)."""
+    windows = [(eps, 1.0)]
+    for width in widths:
+        for i in torch.arange(0, 1 - width + delta, delta).tolist():
+            window = (max(i, eps), max(i + width, eps))
+            if window not in windows:
+                windows.append(window)
+    return windows
+
+
+def clip_search(engine, model, dataset, cfg, device) -> dict:
+    """BD3-LM's data-driven clip: for each candidate window, the variance over the
+    validation rows of the per-block mean loss, summed over up to ``CLIP_SEARCH_BATCHES``
+    batches; the window of least variance becomes the model's training clip (unless
+    ``training.fix_clipping``). Returns the chosen window and each window's variance."""
+    from model.block_diffusion import DEFAULT_EPS_MIN
+
+    training = cfg.training
+    windows = clip_windows(clip_widths(cfg), float(training.get("clip_search_delta", 0.05)),
+                           DEFAULT_EPS_MIN)
+    rank, world = D.rank(), D.world_size()
+    batch_size = int(cfg.loader.eval_batch_size)
+    n_batches = min(CLIP_SEARCH_BATCHES, math.ceil(len(dataset) / (batch_size * world)))
+    block = model.config.blocks
+    sums = torch.zeros(len(windows), n_batches, 3, dtype=torch.float64)  # n, sum, squares
+    generator = torch.Generator(device=device).manual_seed(int(cfg.seed) + 20_000 * rank)
+    for b in range(n_batches):
+        first = (b * world + rank) * batch_size
+        rows = [dataset[i] for i in range(first, min(len(dataset), first + batch_size))]
+        if not rows:
+            continue
+        input_ids = torch.stack([r["input_ids"] for r in rows]).to(device)
+        mask = torch.stack([r["attention_mask"] for r in rows]).to(device)
+        for w, window in enumerate(windows):
+            with clip_bounds(model, *window):
+                nlls = engine(input_ids, mask, generator=generator).nlls
+            per_block = nlls.double().reshape(nlls.shape[0], -1, block).mean(-1).flatten()
+            sums[w, b] = torch.stack([torch.tensor(float(per_block.numel())),
+                                      per_block.sum().cpu(), (per_block ** 2).sum().cpu()])
+    sums = D.all_reduce(sums.to(device)).cpu()
+    n, total, squares = sums.unbind(-1)
+    variance = ((squares - total ** 2 / n.clamp_min(1)) / (n - 1).clamp_min(1)).sum(-1)
+    best = windows[int(variance.argmin())]
+    if not bool(training.get("fix_clipping", False)):
+        model.config.sampling_eps_min, model.config.sampling_eps_max = best
+    out = {"clip_min": best[0], "clip_max": best[1]}
+    out.update({f"clip_var_{lo:.2f}-{hi:.2f}": float(v) / max(n_batches, 1)
+                for (lo, hi), v in zip(windows, variance)})
+    return out
+
+
+# validation batches the clip search scores (the release's 100)
+CLIP_SEARCH_BATCHES = 100
 
 
 def wants_samples(cfg) -> bool:

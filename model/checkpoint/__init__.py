@@ -6,6 +6,6 @@ layout, or a PyTorch Lightning ``.ckpt`` of the MDLM release (EMA weights by def
 """
 
 from model.checkpoint.hf import save_pretrained
-from model.checkpoint.load import load_pretrained
+from model.checkpoint.load import load_pretrained, load_weights
 
-__all__ = ["load_pretrained", "save_pretrained"]
+__all__ = ["load_pretrained", "load_weights", "save_pretrained"]

@@ -61,6 +61,18 @@ def load_pretrained(path_or_hub_id, use_ema: bool = True, device=None, revision=
     return model
 
 
+def load_weights(backbone, path_or_hub_id, use_ema: bool = True, trust: bool = False,
+                 revision=None) -> str:
+    """Copies a checkpoint's weights (any layout ``load_pretrained`` reads) into
+    ``backbone`` with the same strict key and shape checks, whatever objective either was
+    trained with (``training.from_pretrained``: BD3-LM fine-tunes from an MDLM). Returns
+    what was read."""
+    path = Path(str(path_or_hub_id)).expanduser()
+    _, state, used_ema, source = _read(path_or_hub_id, path, use_ema, trust, revision)
+    check_and_load(backbone, state, source)
+    return f"{source} ({'EMA' if used_ema else 'raw'} weights)"
+
+
 def _read(path_or_hub_id, path: Path, use_ema: bool, trust: bool, revision):
     """(config values, state dict, whether EMA weights were used, what was read)."""
     ours_dir = ours.locate(path) if path.is_dir() else None
