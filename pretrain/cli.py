@@ -209,6 +209,85 @@ def translate_lightning(argv: list[str]) -> list[str]:
     return out
 
 
+# The BD3-LM release's command lines: its ``algo`` group (algo=bd3lm|mdlm|ar|sedd and
+# algo.* keys) and a few sampling/data keys, read as this project's settings.
+ALGOS = {
+    "bd3lm": ("parameterization=bd3lm", "backbone=dit", "time_conditioning=False",
+              "ignore_bos=True"),
+    "mdlm": ("parameterization=subs", "backbone=dit", "time_conditioning=False"),
+    "ar": ("parameterization=ar", "backbone=ar", "time_conditioning=False"),
+    "sedd": ("parameterization=sedd", "backbone=dit", "time_conditioning=True"),
+}
+ALGO_KEYS = {"algo.backbone": "backbone", "algo.parameterization": "parameterization",
+             "algo.time_conditioning": "time_conditioning", "algo.ignore_bos": "ignore_bos",
+             "algo.clip_search_widths": "training.clip_search_widths",
+             "algo.clip_search_delta": "training.clip_search_delta",
+             "algo.fix_clipping": "training.fix_clipping",
+             "sampling.nucleus_p": "sampling.top_p"}
+BD3LM_RELEASE_DEFAULTS = {"sampling.num_sample_batches": 1, "eval.generate_samples": False}
+ALGO_NO_EFFECT = ("algo.name", "algo.sampler", "algo.causal_attention", "algo.dropout",
+                  "algo.mdlm_loss_scale", "sampling.logdir", "data.insert_train_special",
+                  "data.insert_valid_special", "data.insert_valid_eos")
+
+
+def translate_algo(argv: list[str]) -> list[str]:
+    """``argv`` with the BD3-LM release's keys read as ours (each noted once): ``algo=X``
+    becomes its parameterization, backbone and time conditioning; ``algo.T`` the number of
+    sampling steps for bd3lm (T otherwise); ``sampling.first_hitting`` the predictor;
+    ``model.attn_backend=flex`` SDPA with the same mask."""
+    algo = next((a.partition("=")[2] for a in argv if a.startswith("algo=")), None)
+    if algo is not None and algo not in ALGOS:
+        raise UsageError(f"algo={algo} is not one of the BD3-LM release's algorithms "
+                         f"{sorted(ALGOS)}.")
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or arg.startswith("-"):
+            out.append(arg)
+        elif key == "algo":
+            read = list(ALGOS[value])
+            given = {a.partition("=")[0] for a in argv}
+            if value == "bd3lm" and not given & {"sampling.first_hitting",
+                                                 "sampling.predictor"}:
+                read.append("sampling.predictor=first_hitting")
+            # the BD3-LM release's defaults where ours differ
+            read += [f"{k}={v}" for k, v in BD3LM_RELEASE_DEFAULTS.items() if k not in given]
+            _note(f"algo={value} is read as {' '.join(read)}.")
+            out.extend(read)
+        elif arg == "wandb=null":
+            _note("wandb=null is read as wandb.enabled=false.")
+            out.append("wandb.enabled=false")
+        elif key in ALGO_KEYS:
+            _note(f"{key}={value} is read as {ALGO_KEYS[key]}={value}.")
+            out.append(f"{ALGO_KEYS[key]}={value}")
+        elif key == "algo.T":
+            target = "sampling.steps" if algo == "bd3lm" else "T"
+            _note(f"algo.T={value} is read as {target}={value}.")
+            out.append(f"{target}={value}")
+        elif key == "sampling.first_hitting":
+            predictor = "first_hitting" if value.lower() == "true" else "ddpm_cache"
+            _note(f"{arg} is read as sampling.predictor={predictor}.")
+            out.append(f"sampling.predictor={predictor}")
+        elif key == "algo.var_min":
+            if value.lower() == "false":
+                out.append("training.clip_search_widths=[]")
+            _note(f"{arg}: the clip search runs when training.clip_search_widths is set.")
+        elif key == "algo.cross_attn":
+            if algo == "bd3lm" and value.lower() == "false":
+                raise UsageError("algo.cross_attn=False is not supported: block diffusion "
+                                 "trains on x_t and x_0 side by side here; drop the key.")
+            _note(f"{arg} is accepted for compatibility with the BD3-LM release; {_NO_EFFECT}.")
+        elif key in ALGO_NO_EFFECT:
+            _note(f"{arg} is accepted for compatibility with the BD3-LM release; {_NO_EFFECT}.")
+        elif key == "model.attn_backend" and value == "flex":
+            _note("model.attn_backend=flex is read as sdpa: the same block-diffusion mask, "
+                  "through PyTorch's SDPA.")
+            out.append("model.attn_backend=sdpa")
+        else:
+            out.append(arg)
+    return out
+
+
 def check_overrides(argv: list[str]) -> None:
     """Before Hydra runs: a misspelt key stops with the closest valid one; keys of the
     release that mean nothing here are accepted with a notice."""
@@ -274,6 +353,6 @@ def _hydra_main(cfg: DictConfig):
 
 
 def main():
-    sys.argv[1:] = translate_lightning(sys.argv[1:])
+    sys.argv[1:] = translate_algo(translate_lightning(sys.argv[1:]))
     check_overrides(sys.argv[1:])
     return _hydra_main()

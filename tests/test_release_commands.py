@@ -39,7 +39,8 @@ SIZE_KEYS = {"model.length", "model.hidden_size", "model.cond_dim", "model.n_blo
              "trainer.val_check_interval", "trainer.limit_val_batches",
              "trainer.log_every_n_steps", "eval.perplexity_batch_size",
              "checkpointing.every_n_steps", "lr_scheduler.num_warmup_steps",
-             "shards.num_proc", "shards.docs_per_shard"}
+             "shards.num_proc", "shards.docs_per_shard", "algo.T",
+             "loader.eval_global_batch_size"}
 
 # The release README's commands, verbatim after `python main.py` / `python -u -m main`.
 RELEASE = {
@@ -75,6 +76,24 @@ RELEASE = {
         data=openwebtext-split model=small parameterization=sedd backbone=dit
         model.length=1024 eval.checkpoint_path=/path/to/checkpoint/sedd.ckpt
         time_conditioning=True sampling.predictor=analytic +wandb.offline=true""",
+    # the BD3-LM release README's commands (block size 4)
+    "bd3lm_sample": """loader.eval_batch_size=1 model=small algo=bd3lm algo.T=5000
+        algo.backbone=hf_dit data=openwebtext-split model.length=2048 block_size=4
+        wandb=null mode=sample_eval
+        eval.checkpoint_path=kuleshov-group/bd3lm-owt-block_size4 model.attn_backend=sdpa
+        sampling.nucleus_p=0.9 sampling.kv_cache=true
+        sampling.logdir=$PWD/sample_logs/samples_genlen_bd3lm_blocksize4""",
+    "bd3lm_ppl": """loader.eval_batch_size=16 model=small algo=bd3lm algo.backbone=hf_dit
+        data=openwebtext-split data.insert_valid_special=False model.length=1024
+        model.attn_backend=flex block_size=4
+        eval.checkpoint_path=kuleshov-group/bd3lm-owt-block_size4 wandb=null
+        mode=ppl_eval""",
+    "bd3lm_train": """loader.global_batch_size=512 loader.eval_global_batch_size=512
+        loader.batch_size=16 loader.eval_batch_size=16 model=small algo=bd3lm
+        algo.clip_search_widths=[0.5,0.6,0.7,0.8,0.9] data=openwebtext-split
+        model.length=1024 block_size=4 wandb.name=bd3lm-owt-block_size4 mode=train
+        model.attn_backend=flex training.resample=True
+        training.from_pretrained=kuleshov-group/bd3lm-owt-block_size1024-pretrain""",
 }
 
 
@@ -168,6 +187,12 @@ def stand_ins(tmp_path_factory):
                                               time_conditioning=True), gpt2_tok,
                   parameterization="sedd", time_conditioning=True)
 
+    # BD3-LM, and the MDLM (one block of the whole length) its fine-tuning starts from
+    for repo, block, seed in (("kuleshov-group/bd3lm-owt-block_size4", 4, 5),
+                              ("kuleshov-group/bd3lm-owt-block_size1024-pretrain", LENGTH, 6)):
+        _bd3lm_hf(_snapshot(hub, repo), _model(vocab, seed=seed, parameterization="bd3lm",
+                                               block_size=block))
+
     corpora = root / "corpora"
     corpora.mkdir()
     for name, docs in (("owt-train", train_docs), ("owt-valid", valid_docs[:40])):
@@ -180,6 +205,24 @@ def stand_ins(tmp_path_factory):
     env = dict(os.environ, **CPU_ONLY, HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", MDLM_DATA_DIR=str(root / "data"))
     return {"root": root, "env": env, "ckpts": ckpts, "corpora": corpora}
+
+
+def _bd3lm_hf(directory: Path, model: Diffusion) -> None:
+    """A BD3-LM release HF directory: config.json (model_type bd3lm) and its weights, with
+    the clip bounds as top-level tensors."""
+    from safetensors.torch import save_file
+
+    c = model.config
+    state = {"backbone." + k: v.contiguous() for k, v in model.backbone.state_dict().items()}
+    state.update(sampling_eps_min=torch.tensor(1e-3), sampling_eps_max=torch.tensor(1.0))
+    save_file(state, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps({
+        "model_type": "bd3lm", "architectures": ["BD3LM"], "block_size": c.blocks,
+        "vocab_size": c.vocab_size, "model_length": c.length, "cross_attn": True,
+        "adaln": True, "attn_backend": "flex", "causal": False, "hidden_dim": c.hidden_size,
+        "cond_dim": c.cond_dim, "n_blocks": c.n_blocks, "n_heads": c.n_heads,
+        "dropout": 0.1, "time_conditioning": False, "var_min": True,
+        "sampling_eps_min": 1e-3, "sampling_eps_max": 1.0, "return_dict": False}))
 
 
 def mdlm(args: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -271,3 +314,40 @@ def test_ppl_eval_of_the_released_checkpoints(tmp_path, stand_ins, name, ckpt):
     assert result["parameterization"] == {"mdlm": "subs"}.get(ckpt, ckpt)
     assert result["tokens"] > 0 and 1 < result["ppl"] < 1e4
     assert result["exact"] == (ckpt == "ar") and result["ema"]
+
+
+# ------------------------------------------------------------- the BD3-LM release's commands
+def test_bd3lm_samples_past_its_context_from_the_hf_model(tmp_path, stand_ins):
+    """Twice the trained length, block by block with the release's first-hitting sampler
+    (algo.T is the number of steps), nucleus 0.9 and the KV cache."""
+    done = mdlm(adapt("bd3lm_sample", model__length=2 * LENGTH, algo__T=50,
+                      hydra__run__dir=tmp_path), stand_ins["env"])
+    rows, summary = read_samples(tmp_path)
+    assert len(rows) == 1 and len(rows[0]["token_ids"]) == 2 * LENGTH
+    assert summary["predictor"] == "first_hitting" and summary["top_p"] == 0.9
+    assert rows[0]["nfe"] == 2 * LENGTH - 1  # one network call per token, but the BOS
+    assert "sampling.logdir" in done.stderr and "algo=bd3lm is read as" in done.stderr
+
+
+def test_bd3lm_likelihood_from_the_hf_model(tmp_path, stand_ins):
+    mdlm(adapt("bd3lm_ppl", model__length=LENGTH, loader__eval_batch_size=4,
+               hydra__run__dir=tmp_path, **owt(stand_ins)), stand_ins["env"])
+    result = json.loads((tmp_path / "ppl_eval.json").read_text())
+    assert result["parameterization"] == "bd3lm" and 1 < result["ppl"] < 1e6
+    assert result["stderr"] > 0
+
+
+def test_bd3lm_fine_tunes_from_the_pretrained_mdlm_with_the_clip_search(tmp_path, stand_ins):
+    done = mdlm(adapt("bd3lm_train", model__length=LENGTH, model__hidden_size=64,
+                      model__cond_dim=32, model__n_blocks=2, model__n_heads=4,
+                      trainer__max_steps=4, loader__global_batch_size=8,
+                      loader__eval_global_batch_size=8, loader__batch_size=4,
+                      loader__eval_batch_size=4, trainer__val_check_interval=4,
+                      trainer__limit_val_batches=2, sampling__num_sample_batches=1,
+                      sampling__steps=8, lr_scheduler__num_warmup_steps=2,
+                      hydra__run__dir=tmp_path, **owt(stand_ins)), stand_ins["env"])
+    assert "training.from_pretrained: the weights of hub model" in done.stdout + done.stderr
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 4 and last["val/ppl"] > 1
+    assert 0 < last["val/clip_min"] < last["val/clip_max"] <= 1.0 + 1e-9
+    assert sum(k.startswith("val/clip_var_") for k in last) > 20  # the release's windows

@@ -228,3 +228,30 @@ def test_diverging_run_stops_after_k_skipped_steps(tmp_path, data_dir):
     skipped = [json.loads(line)["skipped"] for line in
                Path(tmp_path, "metrics.jsonl").read_text().splitlines()]
     assert skipped[-3:] == [1, 2, 3]  # counted, and the third in a row stopped the run
+
+
+BD3LM = ["parameterization=bd3lm", "block_size=16", "ignore_bos=True", "training.resample=True",
+         "training.clip_search_widths=[0.5]", "training.clip_search_delta=0.25",
+         "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+         "eval.generate_samples=False", "trainer.deepspeed_config=zero2",
+         "trainer.max_steps=4", "checkpointing.every_n_steps=2"]
+
+
+def test_a_killed_block_diffusion_run_resumes_exactly_with_its_searched_clip(tmp_path,
+                                                                              data_dir):
+    """2 ranks, ZeRO-2, BD3-LM with resampling and the clip search at step 2: killed at step
+    3 and resumed from step 2, it logs the uninterrupted run's losses and ends with its
+    weights, so the clip the search chose came back with the checkpoint."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train(straight, data_dir, *BD3LM)
+    done = train(killed, data_dir, *BD3LM, "trainer.fail_at_step=3", "trainer.fail_rank=1",
+                 check=False)
+    assert done.returncode != 0
+    assert Path(killed, "checkpoints", "latest").read_text() == "step_0000002"
+    train(killed, data_dir, *BD3LM)
+    assert losses(killed) == losses(straight)
+    clip = [json.loads(line) for line in Path(straight, "metrics.jsonl").read_text().splitlines()
+            if "val/clip_min" in line][0]
+    assert (clip["val/clip_min"], clip["val/clip_max"]) != (1e-3, 1.0)  # the search moved it
+    a, b = raw_weights(straight), raw_weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
