@@ -57,6 +57,11 @@ def main(argv=None) -> int:
     except CheckpointError as err:
         print(f"export: {err}", file=sys.stderr)
         return 2
+    if model.parameterization == "bd3lm":
+        print("export: the mdlm-owt layout's modeling code has no block diffusion; use the "
+              "bd3lm checkpoint as it is (load_pretrained, or eval.checkpoint_path=...).",
+              file=sys.stderr)
+        return 2
     out = save_pretrained(model, args.out_dir)
     print(f"wrote {'raw' if args.raw else 'EMA'} weights of {args.checkpoint} to {out}")
     if args.push_to_hub:

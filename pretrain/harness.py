@@ -111,6 +111,10 @@ class MDLMHarness(LM):
         self.seed = int(seed)
         self.knobs = {k: options[k] for k in KNOB_NAMES if k in options}
         self.ar = self.model.parameterization == "ar"
+        if self.model.parameterization == "bd3lm":
+            raise UserError("the LM Evaluation Harness model scores MDLM, SEDD, D3PM and AR "
+                            "checkpoints, not block diffusion (parameterization=bd3lm); use "
+                            "mode=ppl_eval for its likelihood.")
 
     # ------------------------------------------------------------------ helpers
     def _generator(self, index: int) -> torch.Generator:

@@ -262,3 +262,13 @@ def test_a_release_bd3lm_checkpoint_loads_and_gives_the_reference_logits(tmp_pat
     save_file(state, str(directory / "model.safetensors"))
     with pytest.raises(CheckpointError, match="missing keys: blocks.1.attn_out.weight"):
         load_pretrained(directory)
+
+
+def test_exporting_a_block_diffusion_checkpoint_is_one_sentence(tmp_path, capsys):
+    from model import save_pretrained
+    from pretrain.export import main
+
+    directory = save_pretrained(Diffusion(tiny_config(block_size=4, **BD3)), tmp_path / "m")
+    assert main([str(directory), str(tmp_path / "out")]) == 2
+    assert "has no block diffusion" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
