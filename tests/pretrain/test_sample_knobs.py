@@ -25,10 +25,12 @@ def cfg_for(**sampling):
 def test_every_predictor_draws_with_and_without_semi_ar(predictor):
     model = randomize_(Diffusion(tiny_config()), std=0.1).eval()
     g = torch.Generator().manual_seed(0)
-    tokens, nfe = S.draw(model, cfg_for(predictor=predictor, steps=6, top_p=0.9), 3, g, 0)
+    rows, nfe = S.draw(model, cfg_for(predictor=predictor, steps=6, top_p=0.9), 3, g, 0)
+    tokens = torch.tensor(rows)
     assert tokens.shape == (3, 12) and nfe > 0 and bool((tokens != 22).all())
-    tokens, nfe = S.draw(model, cfg_for(predictor=predictor, steps=6, semi_ar=True,
-                                        stride_length=4, num_strides=2), 3, g, 0)
+    rows, nfe = S.draw(model, cfg_for(predictor=predictor, steps=6, semi_ar=True,
+                                      stride_length=4, num_strides=2), 3, g, 0)
+    tokens = torch.tensor(rows)
     assert tokens.shape == (3, 12 + 2 * 4) and bool((tokens != 22).all())
 
 
@@ -39,7 +41,7 @@ def test_ar_draw_takes_top_p_and_temperature():
     cfg.parameterization = "ar"
     a, nfe = S.draw(model, cfg, 2, torch.Generator().manual_seed(0), 1)
     b, _ = S.draw(model, cfg_for(), 2, torch.Generator().manual_seed(0), 1)
-    assert nfe == 11 and not torch.equal(a, b)
+    assert nfe == 11 and a != b
 
 
 def test_semi_ar_samples_are_judged_over_their_full_length(monkeypatch):
@@ -80,3 +82,14 @@ def test_mauve_settings_are_checked(change, named):
         S.check_mauve(cfg)
     cfg.eval.compute_mauve = False
     S.check_mauve(cfg)  # off: nothing to check
+
+
+@pytest.mark.parametrize("var_length", [False, True])
+def test_block_diffusion_draws_rows_of_the_length_asked(var_length):
+    model = randomize_(Diffusion(tiny_config(parameterization="bd3lm", block_size=4)),
+                       std=0.1).eval()
+    cfg = cfg_for(predictor="first_hitting", var_length=var_length)
+    cfg.parameterization, cfg.model.length = "bd3lm", 24  # twice the model's context
+    rows, nfe = S.draw(model, cfg, 2, torch.Generator().manual_seed(0), 0)
+    assert len(rows) == 2 and all(len(r) == 24 for r in rows) and nfe == 24
+    assert all(22 not in r for r in rows)
