@@ -11,6 +11,8 @@ masked token weighs 1/t, as the release's log-linear schedule gives.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # the release's default lower clip: its resampling never enforces this bound (a block of a
@@ -18,6 +20,7 @@ import torch
 DEFAULT_EPS_MIN = 1e-3
 
 
+@functools.lru_cache(maxsize=8)  # built once per shape, not at every training step
 def attention_mask(length: int, block_size: int, device=None) -> torch.Tensor:
     """(2L, 2L) boolean, True where query i may attend to key j. Positions [0, L) hold x_t
     and [L, 2L) x_0; position p is in block (p mod L) // block_size. x_t attends to its own
@@ -32,6 +35,13 @@ def attention_mask(length: int, block_size: int, device=None) -> torch.Tensor:
     earlier_clean = (q_block > k_block) & ~q_clean & k_clean
     clean_causal = (q_block >= k_block) & q_clean & k_clean
     return own_block | earlier_clean | clean_causal
+
+
+def block_causal_mask(length: int, block_size: int, device=None) -> torch.Tensor:
+    """(length, length) boolean: position i attends to j when j's block is not after i's
+    (what block diffusion's sampler computes, the last block being the noisy one)."""
+    block = torch.arange(length, device=device) // block_size
+    return block[None, :] <= block[:, None]
 
 
 def sample_block_t(batch: int, n_blocks: int, device, eps_min: float, eps_max: float,

@@ -212,11 +212,10 @@ class Diffusion(nn.Module):
                     clean=None):
         """The backbone's chunked ``row_losses``, or for a network with only a forward
         (test doubles, foreign backbones) the same sums from its full output."""
-        if clean is not None:  # block diffusion: the DiT's own chunked path
-            return self.backbone.row_losses(xt, sigma, positions, row_loss, aux, weights,
-                                            fill, clean)
-        if hasattr(self.backbone, "row_losses"):
-            return self.backbone.row_losses(xt, sigma, positions, row_loss, aux, weights, fill)
+        if hasattr(self.backbone, "row_losses"):  # block diffusion's x_0 goes with it
+            extra = {} if clean is None else {"clean": clean}
+            return self.backbone.row_losses(xt, sigma, positions, row_loss, aux, weights, fill,
+                                            **extra)
         logits = self.backbone(xt, sigma).float()
         logits = logits.reshape(-1, logits.shape[-1]) if positions is None else logits[positions]
         if fill is not None:

@@ -64,10 +64,13 @@ class DDiTBlock(nn.Module):
         (shift_msa, scale_msa, gate_msa,
          shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
         h = self._attend(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin, mask)
+        return self._mlp(x, h, gate_msa, shift_mlp, scale_mlp, gate_mlp)
+
+    def _mlp(self, x, h, gate_msa, shift_mlp, scale_mlp, gate_mlp):
+        """The attention output ``h`` added to ``x``, then the MLP half of the block."""
         x = x + gate_msa * F.dropout(h, p=self.dropout, training=self.training)
         h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x + gate_mlp * F.dropout(h, p=self.dropout, training=self.training)
-
 
     def extend(self, x, cos, sin, c, past=None):
         """Block diffusion's sampling step through this block: ``x`` (batch, b, hidden), a
@@ -87,9 +90,7 @@ class DDiTBlock(nn.Module):
         h = F.scaled_dot_product_attention(q_rot.transpose(1, 2), k_rot.transpose(1, 2),
                                            v.transpose(1, 2))
         h = self.attn_out(h.transpose(1, 2).reshape(*x.shape[:2], -1))
-        x = x + gate_msa * F.dropout(h, p=self.dropout, training=self.training)
-        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x + gate_mlp * F.dropout(h, p=self.dropout, training=self.training), (k, v)
+        return self._mlp(x, h, gate_msa, shift_mlp, scale_mlp, gate_mlp), (k, v)
 
 
 class DDitFinalLayer(nn.Module):
@@ -151,6 +152,15 @@ class DIT(nn.Module):
         self.output_layer = DDitFinalLayer(config.hidden_size, config.vocab_size,
                                            config.cond_dim)
 
+    def _embed(self, indices: torch.Tensor, sigma):
+        """The token embeddings and the conditioning c (float32) of ``indices``."""
+        device = indices.device
+        set_attn_backend(self.blocks, self.config.attn_backend, device)
+        sigma = as_sigma(sigma, indices.shape[0], device, self.config.time_conditioning)
+        with torch.autocast(device_type=device.type, enabled=False):
+            c = F.silu(self.sigma_map(sigma.float()))
+        return self.vocab_embed(indices), c
+
     def trunk(self, indices: torch.Tensor, sigma=None, clean: torch.Tensor | None = None,
               attn_mask: torch.Tensor | None = None):
         """The last block's hidden states (batch, length, hidden) and the conditioning c.
@@ -161,11 +171,8 @@ class DIT(nn.Module):
         each may attend to (None: all)."""
         device = indices.device
         length = indices.shape[1]
-        set_attn_backend(self.blocks, self.config.attn_backend, device)
-        sigma = as_sigma(sigma, indices.shape[0], device, self.config.time_conditioning)
-        x = self.vocab_embed(indices if clean is None else torch.cat([indices, clean], 1))
-        with torch.autocast(device_type=device.type, enabled=False):
-            c = F.silu(self.sigma_map(sigma.float()))
+        x, c = self._embed(indices if clean is None else torch.cat([indices, clean], 1),
+                           sigma)
         cos, sin = self.rotary_emb(length, device)
         args = (cos, sin, c) if attn_mask is None else (cos, sin, c, attn_mask)
         if clean is not None:
@@ -205,7 +212,6 @@ class DIT(nn.Module):
             return self.output_layer.linear(h, row_loss, aux, row_weights,
                                             self.config.loss_chunk_rows, fill)
 
-
     def extend(self, block: torch.Tensor, cache: list | None, sigma=None,
                logits: bool = True):
         """Block diffusion's sampling pass over one block: ``block`` (batch, b) after the
@@ -213,11 +219,7 @@ class DIT(nn.Module):
         whole prefix and itself. Returns (logits of the block's positions or None, the
         cache with the block appended); the positions of prefix and block are 0..n-1."""
         device = block.device
-        set_attn_backend(self.blocks, self.config.attn_backend, device)
-        sigma = as_sigma(sigma, block.shape[0], device, self.config.time_conditioning)
-        x = self.vocab_embed(block)
-        with torch.autocast(device_type=device.type, enabled=False):
-            c = F.silu(self.sigma_map(sigma.float()))
+        x, c = self._embed(block, sigma)
         n = block.shape[1] + (0 if cache is None else cache[0][0].shape[1])
         cos, sin = self.rotary_emb(n, device)
         new_cache = []
@@ -227,13 +229,6 @@ class DIT(nn.Module):
                 new_cache.append(kv)
             out = self.output_layer(x, c) if logits else None
         return out, new_cache
-
-
-def block_causal_mask(length: int, block_size: int, device=None) -> torch.Tensor:
-    """(length, length) boolean: position i attends to j when j's block is not after i's
-    (what block diffusion's sampler computes, the last block being the noisy one)."""
-    block = torch.arange(length, device=device) // block_size
-    return block[None, :] <= block[:, None]
 
 
 def flat_positions(positions, length: int) -> torch.Tensor:

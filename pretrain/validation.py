@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -90,18 +91,16 @@ def elbo_bounds(model) -> tuple[float, float]:
     return DEFAULT_EPS_MIN, 1.0
 
 
-class clip_bounds:
-    """Sets the model's clip window for the duration of a ``with``."""
-
-    def __init__(self, model, low: float, high: float):
-        self.config, self.window = model.config, (low, high)
-
-    def __enter__(self):
-        self.saved = (self.config.sampling_eps_min, self.config.sampling_eps_max)
-        self.config.sampling_eps_min, self.config.sampling_eps_max = self.window
-
-    def __exit__(self, *exc):
-        self.config.sampling_eps_min, self.config.sampling_eps_max = self.saved
+@contextlib.contextmanager
+def clip_bounds(model, low: float, high: float):
+    """The model's clip window set to [low, high] for the duration of a ``with``."""
+    c = model.config
+    saved = (c.sampling_eps_min, c.sampling_eps_max)
+    c.sampling_eps_min, c.sampling_eps_max = low, high
+    try:
+        yield
+    finally:
+        c.sampling_eps_min, c.sampling_eps_max = saved
 
 
 def clip_widths(cfg) -> list[float]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from model.block_diffusion import block_causal_mask
 from sampling.categorical import sample_categorical
 from sampling.warp import warp
 
@@ -56,8 +57,6 @@ class _Network:
         if self.kv_cache:
             logits, _ = self.backbone.extend(block, self.cache)
         else:
-            from model.dit import block_causal_mask
-
             seq = torch.cat([prefix[:, prefix.shape[1] - self._kept(prefix):], block], 1)
             mask = block_causal_mask(seq.shape[1], self.block_size, seq.device)
             logits = self.backbone(seq, None, attn_mask=mask)[:, -block.shape[1]:]
@@ -69,7 +68,7 @@ class _Network:
         """Prefix tokens inside the window that the next block completes."""
         return min(prefix.shape[1], self.window - self.block_size)
 
-    def commit(self, prefix: torch.Tensor, block: torch.Tensor) -> None:
+    def commit(self, block: torch.Tensor) -> None:
         """A finished block joins the cache (the oldest block leaves a full window)."""
         if not self.kv_cache:
             return
@@ -132,7 +131,7 @@ def block_sample(model, batch_size: int, length: int, steps: int = 128, *,
                 if not torch.equal(new, block):
                     p_x0 = None
                 block = new
-        net.commit(tokens, block)
+        net.commit(block)
         tokens = torch.cat([tokens, block], 1)
         if stop_at_eos and config.eos_index is not None:
             eos = (tokens == config.eos_index).cumsum(1)

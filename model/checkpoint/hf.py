@@ -81,7 +81,6 @@ def read_config(directory: Path) -> dict:
                 f"release's architecture ({BD3LM_FIXED}) loads here.")
         values.update(parameterization="bd3lm", ignore_bos=True,
                       block_size=int(raw.get("block_size", 1)))
-        values.update({key: float(raw[key]) for key in BD3LM_CLIPS if key in raw})
     values.update({key: raw[key] for key in EXTRA_FIELDS if key in raw})
     if "mask_index" not in values and "vocab_size" in values:
         # The release's GPT-2 model: the mask token is the last entry of the vocabulary.

@@ -38,18 +38,7 @@ def load_pretrained(path_or_hub_id, use_ema: bool = True, device=None, revision=
     from model.diffusion import Diffusion
 
     check_field_names(overrides)
-    path = Path(str(path_or_hub_id)).expanduser()
-    try:
-        values, state, used_ema, source = _read(path_or_hub_id, path, use_ema, trust, revision)
-    except CheckpointError:
-        raise
-    except _READ_ERRORS as err:
-        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-        raise CheckpointError(
-            f"could not read the checkpoint {path} ({type(err).__name__}"
-            f"{': ' + detail if detail else ''}); it is truncated or not a checkpoint of a "
-            "kind this loads: copy, download or export it again."
-        ) from err
+    values, state, used_ema, source = _read_checked(path_or_hub_id, use_ema, trust, revision)
     values.update(overrides)
     config = ModelConfig.from_dict(values)
     model = Diffusion(config)
@@ -67,10 +56,25 @@ def load_weights(backbone, path_or_hub_id, use_ema: bool = True, trust: bool = F
     ``backbone`` with the same strict key and shape checks, whatever objective either was
     trained with (``training.from_pretrained``: BD3-LM fine-tunes from an MDLM). Returns
     what was read."""
-    path = Path(str(path_or_hub_id)).expanduser()
-    _, state, used_ema, source = _read(path_or_hub_id, path, use_ema, trust, revision)
+    _, state, used_ema, source = _read_checked(path_or_hub_id, use_ema, trust, revision)
     check_and_load(backbone, state, source)
     return f"{source} ({'EMA' if used_ema else 'raw'} weights)"
+
+
+def _read_checked(path_or_hub_id, use_ema: bool, trust: bool, revision):
+    """``_read``, a damaged or foreign file reported as one CheckpointError."""
+    path = Path(str(path_or_hub_id)).expanduser()
+    try:
+        return _read(path_or_hub_id, path, use_ema, trust, revision)
+    except CheckpointError:
+        raise
+    except _READ_ERRORS as err:
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise CheckpointError(
+            f"could not read the checkpoint {path} ({type(err).__name__}"
+            f"{': ' + detail if detail else ''}); it is truncated or not a checkpoint of a "
+            "kind this loads: copy, download or export it again."
+        ) from err
 
 
 def _read(path_or_hub_id, path: Path, use_ema: bool, trust: bool, revision):
