@@ -4,6 +4,7 @@ builds, the other ranks wait at a barrier) and opening them checked against the 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from pretrain.data import shards as fmt
@@ -41,6 +42,8 @@ def build_spec(cfg, kind: str) -> BuildSpec:
 
 
 def _dist():
+    if sys.modules.get("torch") is None:  # never imported (the prepare command): no group
+        return None
     try:
         import torch.distributed as dist
 

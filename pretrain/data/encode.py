@@ -15,13 +15,17 @@ real lengths. Both are exactly what ``tokenizer(texts, ...)`` gives (a test chec
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import pickle
+import sys
 from collections import deque
 
 import numpy as np
 
 STRATEGIES = ("auto", "threads", "processes", "both")
+WITH_TORCH = "PRETRAIN_PREPARE_WITH_TORCH"  # set: tokenizers load with torch importable
 THREADS_PER_WORKER = 8  # "both": worker processes of this many Rust threads each
 
 
@@ -81,14 +85,47 @@ def flatten(ids: list[list[int]], eos: int) -> tuple[np.ndarray, np.ndarray]:
     return flat, lengths
 
 
+@contextlib.contextmanager
+def torch_hidden():
+    """Torch hidden from the import system (``import torch`` fails, ``find_spec`` finds
+    nothing) while transformers is imported and a tokenizer loads, in a process that has
+    not imported torch; yields whether it hid it.
+
+    Tokenizing needs no torch, but transformers imports it wherever it is installed (its
+    ``AutoTokenizer`` loads a model config, whose module imports torch): about 1 s of
+    import, 0.4 s of teardown and 190 MB, a third of a small build's time. Hidden,
+    transformers works as where torch is not installed, and tokenizers behave the same
+    (``tests/pretrain/test_prepare.py`` checks the ``prepare`` command's shards byte for
+    byte against a build with torch loaded). Afterwards torch is importable again for
+    whatever needs it (``datasets``' hashing). ``PRETRAIN_PREPARE_WITH_TORCH=1`` turns
+    this off.
+    """
+    if "torch" in sys.modules or os.environ.get(WITH_TORCH):
+        yield False
+        return
+    advice = "TRANSFORMERS_NO_ADVISORY_WARNINGS"  # its "PyTorch was not found" advice
+    silenced = advice not in os.environ
+    sys.modules["torch"] = None
+    if silenced:
+        os.environ[advice] = "1"
+    try:
+        yield True
+    finally:
+        if "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+        if silenced:
+            os.environ.pop(advice, None)
+
+
 _CODEC = None
 
 
-def _init_worker(tokenizer, threads: int) -> None:
+def _init_worker(tokenizer: bytes, threads: int) -> None:
     global _CODEC
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
     os.environ["RAYON_NUM_THREADS"] = str(threads)
-    _CODEC = _Codec(tokenizer)
+    with torch_hidden():  # a spawned worker only tokenizes
+        _CODEC = _Codec(pickle.loads(tokenizer))
 
 
 def _encode(job):
@@ -164,7 +201,7 @@ class Encoder:
 
         self.pool = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=_init_worker,
-                                        initargs=(self.tokenizer, threads))
+                                        initargs=(pickle.dumps(self.tokenizer), threads))
         self.procs = procs
 
     def map(self, jobs, window: int | None = None):

@@ -37,11 +37,18 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.data import shards as fmt
-from pretrain.data.encode import Encoder, framing_ids
+from pretrain.data.encode import WITH_TORCH, Encoder, framing_ids, torch_hidden
 from pretrain.data.sources import DataError, open_source
-from pretrain.data.tokenizers import vocab_hash
 
 PROGRESS = "progress.json"
+
+
+def vocab_hash(tokenizer) -> str:
+    """``pretrain.data.tokenizers.vocab_hash``, imported when first needed: importing this
+    module imports neither transformers nor torch (see ``main``)."""
+    from pretrain.data.tokenizers import vocab_hash as digest
+
+    return digest(tokenizer)
 
 
 @dataclass(frozen=True)
@@ -304,11 +311,18 @@ def _meta(spec: BuildSpec, tokenizer, state: dict, bos: int, eos: int, dtype) ->
 
 
 def _main(cfg) -> None:
-    from pretrain.data.datasets import build_spec, ensure_shards, tokenizer_for
     from pretrain.resolvers import absolutize_paths
 
     absolutize_paths(cfg)
-    tokenizer = tokenizer_for(cfg)
+    try:
+        with torch_hidden() as hidden:  # transformers and the tokenizer, without torch
+            from pretrain.data.datasets import build_spec, ensure_shards, tokenizer_for
+
+            tokenizer = tokenizer_for(cfg)
+    except ModuleNotFoundError as err:
+        if err.name != "torch" or not hidden:
+            raise
+        _rerun_with_torch()
     summary = {}
     specs = {kind: build_spec(cfg, kind) for kind in ("train", "valid")}
     with Encoder(tokenizer, specs["train"].num_proc, specs["train"].tokenize) as encoder:
@@ -320,6 +334,13 @@ def _main(cfg) -> None:
                              "tokens": meta["num_tokens"], "documents": meta["num_documents"],
                              "seconds": round(time.perf_counter() - started, 3)}
     print(json.dumps(summary))
+
+
+def _rerun_with_torch():
+    print("prepare: this tokenizer needs torch to load; running again with it.",
+          file=sys.stderr, flush=True)
+    os.execve(sys.executable, [sys.executable, "-m", "pretrain.data.prepare", *sys.argv[1:]],
+              dict(os.environ, **{WITH_TORCH: "1"}))
 
 
 def _task(cfg) -> None:

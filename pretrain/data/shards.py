@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from model.errors import UserError
 
@@ -107,9 +106,10 @@ def read_meta(directory: Path) -> dict:
         return json.load(f)
 
 
-class ShardDataset(torch.utils.data.Dataset):
+class ShardDataset:
     """Map-style dataset over a shard directory: ``{'input_ids', 'attention_mask'}`` per
-    sequence, read through numpy memmaps (nothing is loaded whole).
+    sequence, read through numpy memmaps (nothing is loaded whole). Torch is imported on the
+    first read, not with the module: building shards needs no torch.
 
     ``expect`` holds what the run needs (``vocab_hash``, ``vocab_size``, ``block_size``,
     ``mode``); any difference stops with one sentence naming it and the fix. Checksums are
@@ -204,6 +204,8 @@ class ShardDataset(torch.utils.data.Dataset):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(index)
+        import torch
+
         k = bisect.bisect_right(self.offsets, index) - 1
         row = index - self.offsets[k]
         ids = torch.from_numpy(self._shard(k)[row].astype(np.int64))

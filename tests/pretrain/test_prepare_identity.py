@@ -5,6 +5,7 @@ way the tokenizing runs, and the build streams its source."""
 import hashlib
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,9 +28,13 @@ def documents():
 
 
 @pytest.fixture(scope="module")
-def bpe(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("bpe")
-    return get_tokenizer(str(write_gpt2_style(directory, documents(), 300)))
+def bpe_dir(tmp_path_factory):
+    return write_gpt2_style(tmp_path_factory.mktemp("bpe"), documents(), 300)
+
+
+@pytest.fixture(scope="module")
+def bpe(bpe_dir):
+    return get_tokenizer(str(bpe_dir))
 
 
 def reference(docs, tok, wrap, docs_per_shard, group_docs, procs):
@@ -209,3 +214,95 @@ def test_tokenizer_threads_are_off_after_a_build_for_later_forks(bpe, monkeypatc
     with Encoder(bpe, 2, "threads") as encoder:
         list(encoder.map([(["a b c"], True, L, 0)]))
     assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+
+
+@pytest.mark.parametrize("wrap", [True, False])
+def test_the_prepare_command_builds_without_torch_the_same_bytes(tmp_path, bpe_dir, wrap):
+    """The command loads its tokenizer with torch hidden (``encode.torch_hidden``) and never
+    imports it; its shards equal, byte for byte and in name, a build in this process, whose
+    tokenizer loaded with torch."""
+    import re
+    import subprocess
+    import sys
+
+    docs = documents()
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs))
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pretrain.data.prepare",
+         f"data.train={data}", f"data.valid={data}", f"data.tokenizer_name_or_path={bpe_dir}",
+         f"data.cache_dir={tmp_path / 'cli'}", f"model.length={L}", f"data.wrap={wrap}",
+         "shards.num_proc=2", "shards.docs_per_shard=13", "shards.wrap_group_docs=7",
+         "shards.wrap_group_procs=2", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not re.search(r"\|\s+torch$", done.stderr, re.M), "the command imported torch"
+    assert "PyTorch was not found" not in done.stderr
+    theirs = Path(json.loads(done.stdout.strip().splitlines()[-1])["train"]["directory"])
+    tok = get_tokenizer(str(bpe_dir))
+    spec = BuildSpec(str(data), "train", str(bpe_dir), L, wrap, str(tmp_path / "here"),
+                     docs_per_shard=13, num_proc=2, wrap_group_docs=7, wrap_group_procs=2)
+    with Encoder(tok, 2) as encoder:
+        ours = build(spec, tok, progress=False, encoder=encoder)
+    assert ours.name == theirs.name
+    (got, meta), (expected, their_meta) = built(ours), built(theirs)
+    assert got == expected and len(got) > 1
+    assert {k: v for k, v in meta.items() if k != "dataset"} == {
+        k: v for k, v in their_meta.items() if k != "dataset"}
+
+
+def test_torch_hidden_hides_it_only_while_open(tmp_path):
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from pretrain.data.encode import torch_hidden
+with torch_hidden() as hidden:
+    import transformers
+    assert hidden and not transformers.is_torch_available()
+    try:
+        import torch
+    except ModuleNotFoundError as err:
+        assert err.name == "torch"
+    else:
+        raise AssertionError("torch imported while hidden")
+import torch
+with torch_hidden() as hidden:
+    assert not hidden and sys.modules["torch"] is torch
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "PyTorch was not found" not in done.stderr
+
+
+def test_a_tokenizer_that_needs_torch_reruns_the_command_with_it(monkeypatch):
+    import contextlib
+
+    from pretrain.data import datasets, prepare
+
+    @contextlib.contextmanager
+    def hidden():
+        yield True
+
+    def needs_torch(cfg):
+        raise ModuleNotFoundError("import of torch halted; None in sys.modules", name="torch")
+
+    class Rerun(Exception):
+        pass
+
+    def rerun():
+        raise Rerun
+
+    monkeypatch.setattr(prepare, "torch_hidden", hidden)
+    monkeypatch.setattr(datasets, "tokenizer_for", needs_torch)
+    monkeypatch.setattr(prepare, "_rerun_with_torch", rerun)
+    monkeypatch.setattr("pretrain.resolvers.absolutize_paths", lambda cfg: None)
+    with pytest.raises(Rerun):
+        prepare._main(None)
+    monkeypatch.setenv(prepare.WITH_TORCH, "1")
+    from pretrain.data.encode import torch_hidden
+
+    with torch_hidden() as was_hidden:
+        assert not was_hidden
