@@ -37,6 +37,23 @@ def attention_mask(length: int, block_size: int, device=None) -> torch.Tensor:
     return own_block | earlier_clean | clean_causal
 
 
+@functools.lru_cache(maxsize=8)
+def flex_mask(length: int, block_size: int, device=None):
+    """``attention_mask`` as a flex-attention ``BlockMask``: tiles no query attends into
+    (x_0 to x_t, the blocks after each query's) are skipped, about half of the (2L)^2."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def allowed(batch, head, q, k):
+        q_clean, k_clean = q >= length, k >= length
+        q_block, k_block = (q % length) // block_size, (k % length) // block_size
+        own_block = (q_block == k_block) & (q_clean == k_clean)
+        earlier_clean = (q_block > k_block) & ~q_clean & k_clean
+        clean_causal = (q_block >= k_block) & q_clean & k_clean
+        return own_block | earlier_clean | clean_causal
+
+    return create_block_mask(allowed, None, None, 2 * length, 2 * length, device=device)
+
+
 def block_causal_mask(length: int, block_size: int, device=None) -> torch.Tensor:
     """(length, length) boolean: position i attends to j when j's block is not after i's
     (what block diffusion's sampler computes, the last block being the noisy one)."""

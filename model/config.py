@@ -11,7 +11,7 @@ from model.errors import ConfigError
 
 BACKBONES = ("dit", "ar")
 PARAMETERIZATIONS = ("subs", "d3pm", "sedd", "ar", "bd3lm")
-ATTN_BACKENDS = ("auto", "sdpa", "flash")
+ATTN_BACKENDS = ("auto", "sdpa", "flash", "flex")
 AUTOCAST = ("auto", "bf16", "fp16", "off")
 LOSS_PATHS = ("masked", "full")
 

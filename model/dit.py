@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from model import block_diffusion
-from model.attention import attention, resolve_backend
+from model.attention import attention, resolve_backend, uses_flex
 from model.config import ModelConfig
 from model.layers import (
     EmbeddingLayer,
@@ -176,7 +176,10 @@ class DIT(nn.Module):
         cos, sin = self.rotary_emb(length, device)
         args = (cos, sin, c) if attn_mask is None else (cos, sin, c, attn_mask)
         if clean is not None:
-            mask = block_diffusion.attention_mask(length, self.config.blocks, device)
+            training_mask = (block_diffusion.flex_mask
+                             if uses_flex(self.config.attn_backend, device)
+                             else block_diffusion.attention_mask)
+            mask = training_mask(length, self.config.blocks, device)
             args = (torch.cat([cos, cos]), torch.cat([sin, sin]), c, mask)
         with mixed_precision(self.config, device):
             x = run_blocks(self.blocks, x, args, self.config.activation_checkpointing)

@@ -233,8 +233,8 @@ ALGO_NO_EFFECT = ("algo.name", "algo.sampler", "algo.causal_attention", "algo.dr
 def translate_algo(argv: list[str]) -> list[str]:
     """``argv`` with the BD3-LM release's keys read as ours (each noted once): ``algo=X``
     becomes its parameterization, backbone and time conditioning; ``algo.T`` the number of
-    sampling steps for bd3lm (T otherwise); ``sampling.first_hitting`` the predictor;
-    ``model.attn_backend=flex`` SDPA with the same mask."""
+    sampling steps for bd3lm (T otherwise); ``sampling.first_hitting`` the predictor.
+    ``model.attn_backend=flex`` is ours as well (flex attention on CUDA)."""
     algo = next((a.partition("=")[2] for a in argv if a.startswith("algo=")), None)
     if algo is not None and algo not in ALGOS:
         raise UsageError(f"algo={algo} is not one of the BD3-LM release's algorithms "
@@ -279,10 +279,6 @@ def translate_algo(argv: list[str]) -> list[str]:
             _note(f"{arg} is accepted for compatibility with the BD3-LM release; {_NO_EFFECT}.")
         elif key in ALGO_NO_EFFECT:
             _note(f"{arg} is accepted for compatibility with the BD3-LM release; {_NO_EFFECT}.")
-        elif key == "model.attn_backend" and value == "flex":
-            _note("model.attn_backend=flex is read as sdpa: the same block-diffusion mask, "
-                  "through PyTorch's SDPA.")
-            out.append("model.attn_backend=sdpa")
         else:
             out.append(arg)
     return out

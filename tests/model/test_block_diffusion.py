@@ -37,6 +37,45 @@ def test_attention_mask_equals_its_definition(length, block_size):
                        brute_force_mask(length, block_size))
 
 
+@pytest.mark.parametrize("length,block_size", [(4, 1), (6, 3), (8, 2), (12, 4), (200, 16)])
+def test_the_flex_block_mask_equals_the_definition(length, block_size):
+    """Element by element (its mask function) and tile by tile: the BlockMask keeps every
+    tile holding an allowed pair and skips the rest."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    flex = block_diffusion.flex_mask(length, block_size)
+    dense = create_mask(flex.mask_mod, 1, 1, 2 * length, 2 * length, device="cpu")[0, 0]
+    expected = brute_force_mask(length, block_size)
+    assert torch.equal(dense, expected)
+    tile = flex.BLOCK_SIZE[0]
+    tiles = -(-2 * length // tile)
+    padded = torch.zeros(tiles * tile, tiles * tile, dtype=torch.bool)
+    padded[:2 * length, :2 * length] = expected
+    needed = padded.view(tiles, tile, tiles, tile).any(3).any(1)
+    assert torch.equal(flex.to_dense()[0, 0].bool(), needed)
+
+
+def test_flex_attention_gives_the_sdpa_losses(monkeypatch):
+    """Flex attention with the BlockMask against SDPA with the dense mask: the same weights,
+    noise and times give the same losses. Flex runs on CUDA only in training (it has no
+    backward on the CPU), so here it is forced on, without gradients; the GPU check
+    (``benchmarks/gpu_checks.py bd3lm-flex``) compares gradients too."""
+    import warnings
+
+    import model.dit
+
+    network = randomize_(Diffusion(tiny_config(block_size=4, **BD3)))
+    x0 = torch.randint(0, 22, (3, 12), generator=torch.Generator().manual_seed(2))
+    losses = {}
+    for flex in (False, True):
+        monkeypatch.setattr(model.dit, "uses_flex", lambda requested, device: flex)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
+            losses[flex] = network.loss(x0, generator=torch.Generator().manual_seed(3)).nlls
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
+    assert not model.attention.uses_flex("flex", torch.device("cpu"))
+
+
 def test_one_block_leaves_the_noisy_half_as_mdlm_sees_it():
     """With block_size = length, x_t attends to nothing of x_0: its logits are the DiT's
     on x_t alone."""
