@@ -113,6 +113,7 @@ step loss-path 90 "$PY" benchmarks/bench_train.py --suite loss --objectives subs
     --with-checkpointing --padding-baseline "${LOSS[@]}"
 step logits 60 "$PY" benchmarks/gpu_checks.py logits "${CHECK[@]}"
 step fused-loss 90 "$PY" benchmarks/gpu_checks.py fused-loss "${CHECK[@]}"
+step bd3lm-flex 120 "$PY" benchmarks/gpu_checks.py bd3lm-flex "${CHECK[@]}"
 
 # a one-device DeepSpeed run (DeepSpeed's FusedAdam on CUDA, compiled by the first run and
 # cached): straight, and killed at step 6 then resumed

@@ -3,6 +3,7 @@ one JSON line with ``"ok"``. On a CPU (``--dry-run`` sizes) they run the same co
 
     python benchmarks/gpu_checks.py logits            bf16 against fp32 logits, same weights
     python benchmarks/gpu_checks.py fused-loss        a compiled model's cross entropy = plain
+    python benchmarks/gpu_checks.py bd3lm-flex        block diffusion: flex = SDPA, and speed
     python benchmarks/gpu_checks.py crop              text8-crop with a generator on the device
     python benchmarks/gpu_checks.py sampling-memory   validation sampling at release sizes
     python benchmarks/gpu_checks.py syncs             host synchronizations per training step
@@ -183,6 +184,70 @@ def check_fused_loss(dry: bool) -> bool:
     return report("fused_cross_entropy", ok, **values)
 
 
+def check_bd3lm_flex(dry: bool) -> bool:
+    """Block diffusion's training pass (x_t and x_0 side by side, 2L positions, blocks of
+    16; 4 on a CPU) through flex attention (``auto`` on CUDA: compiled, its BlockMask
+    skipping empty tiles) against SDPA with the dense mask, under bf16 autocast: each one's
+    distance from an fp32 SDPA pass on the same weights, noise and times, where flex must
+    be no further off than SDPA; then the forward + backward time of each. On a CPU flex is
+    not used (no backward there) and both rows run SDPA."""
+    import time
+
+    s = sizes(dry)
+    block = 4 if dry else 16
+    batch = 4 if dry else 16
+    x0 = torch.randint(0, s["vocab"] - 1, (batch, s["length"]), device=device())
+    state = None
+
+    def run(autocast: str, backend: str, steps: int = 0):
+        nonlocal state
+        model = build(dry, autocast=autocast, attn_backend=backend, parameterization="bd3lm",
+                      block_size=block, resample=False).train()
+        if state is None:
+            state = model.state_dict()
+        model.load_state_dict(state)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            out = model.loss(x0, generator=torch.Generator(device=device()).manual_seed(0))
+            out.loss.backward()
+            return out
+
+        out = step()
+        result = (out.nlls.detach().float(), torch.cat(
+            [p.grad.flatten().float() for p in model.parameters() if p.grad is not None]))
+        if not steps:
+            return result, None
+        if device().type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device().type == "cuda":
+            torch.cuda.synchronize()
+        return result, (time.perf_counter() - started) / steps
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    from model.attention import uses_flex
+
+    (nlls, grads), _ = run("off", "sdpa")
+    steps = 2 if dry else 10
+    values = {"flex_used": uses_flex("auto", device()), "batch": batch,
+              "length": s["length"], "block_size": block}
+    ok = True
+    for backend in ("sdpa", "auto"):
+        (n, g), seconds = run("bf16", backend, steps)
+        values[backend] = {"loss_rel": rel(n, nlls), "grad_rel": rel(g, grads),
+                           "ms_per_step": 1e3 * seconds,
+                           "tokens_per_s": batch * s["length"] / seconds}
+    for key in ("loss_rel", "grad_rel"):
+        ok = ok and values["auto"][key] <= 1.1 * values["sdpa"][key] + 1e-4
+    values["speedup"] = values["sdpa"]["ms_per_step"] / values["auto"]["ms_per_step"]
+    return report("bd3lm_flex_vs_sdpa", ok, **values)
+
+
 def check_same_losses(a: str, b: str, rtol: float) -> bool:
     """The losses of two runs' metrics.jsonl agree step for step (a resumed run against an
     uninterrupted one): within 1e-6 on the CPU, within ``rtol`` on CUDA, whose reductions
@@ -201,8 +266,8 @@ def check_same_losses(a: str, b: str, rtol: float) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("check", choices=["logits", "fused-loss", "crop", "sampling-memory",
-                                          "syncs", "same-losses"])
+    parser.add_argument("check", choices=["logits", "fused-loss", "bd3lm-flex", "crop",
+                                          "sampling-memory", "syncs", "same-losses"])
     parser.add_argument("runs", nargs="*")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--rtol", type=float, default=2e-3)
@@ -210,7 +275,8 @@ def main() -> int:
     if args.check == "same-losses":
         ok = check_same_losses(*args.runs, rtol=args.rtol)
     else:
-        ok = {"logits": check_logits, "fused-loss": check_fused_loss, "crop": check_crop,
+        ok = {"logits": check_logits, "fused-loss": check_fused_loss,
+              "bd3lm-flex": check_bd3lm_flex, "crop": check_crop,
               "sampling-memory": check_sampling_memory, "syncs": check_syncs}[args.check](
             args.dry_run or device().type == "cpu")
     return 0 if ok else 1

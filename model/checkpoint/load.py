@@ -39,6 +39,7 @@ def load_pretrained(path_or_hub_id, use_ema: bool = True, device=None, revision=
 
     check_field_names(overrides)
     values, state, used_ema, source = _read_checked(path_or_hub_id, use_ema, trust, revision)
+    _check_block_diffusion_kept(values, overrides, source)
     values.update(overrides)
     config = ModelConfig.from_dict(values)
     model = Diffusion(config)
@@ -48,6 +49,22 @@ def load_pretrained(path_or_hub_id, use_ema: bool = True, device=None, revision=
     if device is not None:
         model.to(torch.device(device))
     return model
+
+
+def _check_block_diffusion_kept(values: dict, overrides: dict, source: str) -> None:
+    """A checkpoint trained as block diffusion with blocks shorter than its context saw
+    only earlier blocks: read as another objective (the run's default, subs, when
+    parameterization is not given), its weights would score a different model."""
+    wanted = overrides.get("parameterization")
+    if values.get("parameterization") != "bd3lm" or wanted in (None, "bd3lm"):
+        return
+    length = values.get("length")
+    block = values.get("block_size") or length
+    if length is not None and block < length:
+        raise CheckpointError(
+            f"{source} was trained as parameterization=bd3lm with block_size={block} but "
+            f"is read as parameterization={wanted}; add parameterization=bd3lm (or "
+            "algo=bd3lm) to evaluate or sample it as block diffusion.")
 
 
 def load_weights(backbone, path_or_hub_id, use_ema: bool = True, trust: bool = False,

@@ -303,6 +303,21 @@ def test_a_release_bd3lm_checkpoint_loads_and_gives_the_reference_logits(tmp_pat
         load_pretrained(directory)
 
 
+def test_a_block_diffusion_checkpoint_read_as_another_objective_is_one_sentence(tmp_path):
+    """Blocks shorter than the context: read as subs (the run's default), the weights would
+    score another model; blocks of the whole context are MDLM and read as it freely."""
+    from model import load_pretrained, save_pretrained
+
+    short = save_pretrained(Diffusion(tiny_config(block_size=4, **BD3)), tmp_path / "b4")
+    with pytest.raises(CheckpointError, match="block_size=4 but is read as "
+                                              "parameterization=subs; add parameterization"):
+        load_pretrained(short, parameterization="subs")
+    assert load_pretrained(short, parameterization="bd3lm").config.block_size == 4
+    assert load_pretrained(short).config.parameterization == "bd3lm"
+    whole = save_pretrained(Diffusion(tiny_config(**BD3)), tmp_path / "whole")
+    assert load_pretrained(whole, parameterization="subs").config.parameterization == "subs"
+
+
 def test_exporting_a_block_diffusion_checkpoint_is_one_sentence(tmp_path, capsys):
     from model import save_pretrained
     from pretrain.export import main

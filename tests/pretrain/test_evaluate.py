@@ -22,7 +22,8 @@ SMALL = ["data=builtin", "model.length=64", "loader.eval_batch_size=8", "loader.
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     out = {}
-    for name, changes in (("mdlm", {}), ("ar", dict(backbone="ar", parameterization="ar"))):
+    for name, changes in (("mdlm", {}), ("ar", dict(backbone="ar", parameterization="ar")),
+                          ("bd3lm", dict(parameterization="bd3lm", block_size=4))):
         torch.manual_seed(0)
         model = Diffusion(ModelConfig(vocab_size=4097, mask_index=4096, length=64,
                                       hidden_size=64, cond_dim=32, n_blocks=2, n_heads=4,
@@ -63,18 +64,23 @@ def test_one_and_two_ranks_agree(tmp_path, exported):
     assert results["mdlm", 1]["split"] == "validation"
 
 
-def test_zero_shot_writes_a_table(tmp_path, exported):
+@pytest.mark.parametrize("family", ["mdlm", "bd3lm"])
+def test_zero_shot_writes_a_table(tmp_path, exported, family):
     docs = tmp_path / "docs"
     docs.mkdir()
     for name in ("alpha", "beta"):
         (docs / f"{name}.jsonl").write_text("".join(
             json.dumps({"text": f"Return the {name} value of x, as the built-ins do. {i}"}) + "\n"
             for i in range(40)))
-    ppl_eval(tmp_path / "run", tmp_path / "data", f"eval.checkpoint_path={exported['mdlm']}",
-             "eval.zero_shot=True",
+    ppl_eval(tmp_path / "run", tmp_path / "data", f"eval.checkpoint_path={exported[family]}",
+             *(["parameterization=bd3lm"] if family == "bd3lm" else []), "eval.zero_shot=True",
              f"eval.zero_shot_datasets=[{docs / 'alpha.jsonl'},{docs / 'beta.jsonl'}]")
     result = json.loads((tmp_path / "run" / "zero_shot.json").read_text())["zero_shot"]
     assert len(result) == 2 and all(r["nll"] > 0 for r in result.values())
+    # block diffusion's bound, block by block, with its Monte Carlo standard error
+    parameterization = {"mdlm": "subs", "bd3lm": "bd3lm"}[family]
+    assert all(r["parameterization"] == parameterization and r["stderr"] > 0
+               for r in result.values())
     table = (tmp_path / "run" / "zero_shot.md").read_text()
     assert table.startswith("| Model |") and table.count("≤") == 2
 
