@@ -31,6 +31,7 @@ def test_gpu_check_dry_run_passes_every_step(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     checks = {r["check"]: r["ok"] for r in records if "check" in r}
     assert checks == {"bf16_vs_fp32_logits": True, "fused_cross_entropy": True,
+                      "bd3lm_flex_vs_sdpa": True,
                       "text8_crop_device_generator": True,
                       "validation_sampling_memory": True, "host_syncs_per_micro_step": True,
                       "resume_same_losses": True, "fp16": True}
