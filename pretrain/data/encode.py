@@ -95,8 +95,8 @@ def torch_hidden():
     ``AutoTokenizer`` loads a model config, whose module imports torch): about 1 s of
     import, 0.4 s of teardown and 190 MB, a third of a small build's time. Hidden,
     transformers works as where torch is not installed, and tokenizers behave the same
-    (``tests/pretrain/test_prepare.py`` checks the ``prepare`` command's shards byte for
-    byte against a build with torch loaded). Afterwards torch is importable again for
+    (``tests/pretrain/test_prepare_identity.py`` checks the ``prepare`` command's shards
+    byte for byte against a build with torch loaded). Afterwards torch is importable again for
     whatever needs it (``datasets``' hashing). ``PRETRAIN_PREPARE_WITH_TORCH=1`` turns
     this off.
     """

@@ -20,7 +20,8 @@ truncated and padded to ``block_size``. After each shard, ``progress.json`` reco
 finished (and the tokens carried into the next shard), so a rerun skips finished shards and
 produces byte-identical files; ``meta.json``, written last, marks the directory complete.
 A mistake in the data (a missing, empty or malformed file) is a ``DataError``: the command
-prints it as one line and exits 2.
+prints it as one line and exits 2. The command does not import torch, which tokenizing does
+not need, unless a tokenizer cannot load without it (``encode.torch_hidden``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ PROGRESS = "progress.json"
 
 def vocab_hash(tokenizer) -> str:
     """``pretrain.data.tokenizers.vocab_hash``, imported when first needed: importing this
-    module imports neither transformers nor torch (see ``main``)."""
+    module imports neither transformers nor torch (see ``encode.torch_hidden``)."""
     from pretrain.data.tokenizers import vocab_hash as digest
 
     return digest(tokenizer)
