@@ -226,8 +226,10 @@ ALGO_KEYS = {"algo.backbone": "backbone", "algo.parameterization": "parameteriza
              "sampling.nucleus_p": "sampling.top_p"}
 BD3LM_RELEASE_DEFAULTS = {"sampling.num_sample_batches": 1, "eval.generate_samples": False}
 ALGO_NO_EFFECT = ("algo.name", "algo.sampler", "algo.causal_attention", "algo.dropout",
-                  "algo.mdlm_loss_scale", "sampling.logdir", "data.insert_train_special",
-                  "data.insert_valid_special", "data.insert_valid_eos")
+                  "algo.mdlm_loss_scale", "sampling.logdir")
+# ours too (config.yaml), which the release's scripts sometimes add with a "+"
+INSERT_KEYS = ("data.insert_train_special", "data.insert_valid_special",
+               "data.insert_train_eos", "data.insert_valid_eos")
 
 
 def translate_algo(argv: list[str]) -> list[str]:
@@ -277,6 +279,8 @@ def translate_algo(argv: list[str]) -> list[str]:
                 raise UsageError("algo.cross_attn=False is not supported: block diffusion "
                                  "trains on x_t and x_0 side by side here; drop the key.")
             _note(f"{arg} is accepted for compatibility with the BD3-LM release; {_NO_EFFECT}.")
+        elif key.startswith("+") and key[1:] in INSERT_KEYS:
+            out.append(arg[1:])
         elif key in ALGO_NO_EFFECT:
             _note(f"{arg} is accepted for compatibility with the BD3-LM release; {_NO_EFFECT}.")
         else:

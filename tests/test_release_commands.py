@@ -335,6 +335,10 @@ def test_bd3lm_likelihood_from_the_hf_model(tmp_path, stand_ins):
     result = json.loads((tmp_path / "ppl_eval.json").read_text())
     assert result["parameterization"] == "bd3lm" and 1 < result["ppl"] < 1e6
     assert result["stderr"] > 0
+    # data.insert_valid_special=False: plain blocks of model.length tokens, as the release
+    data = Path(stand_ins["env"]["MDLM_DATA_DIR"])
+    assert [p.name for p in data.glob(f"owt-valid.jsonl-*-L{LENGTH}-wrap*")] == [
+        p.name for p in data.glob("*-unframed-*")]
 
 
 def test_bd3lm_fine_tunes_from_the_pretrained_mdlm_with_the_clip_search(tmp_path, stand_ins):

@@ -38,6 +38,8 @@ def build_spec(cfg, kind: str) -> BuildSpec:
         wrap_group_docs=int(shard_cfg.get("wrap_group_docs", 1000)),
         wrap_group_procs=int(shard_cfg.get("wrap_group_procs", 1)),
         tokenize=str(shard_cfg.get("tokenize", "auto")),
+        special=bool(cfg.data.get(f"insert_{kind}_special", True)),
+        doc_eos=bool(cfg.data.get(f"insert_{kind}_eos", True)),
     )
 
 

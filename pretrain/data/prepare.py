@@ -15,7 +15,9 @@ into ``block_size - 2`` tokens framed as [BOS] chunk [EOS] and drops the group's
 tail. With ``shards.wrap_group_procs=P`` the split is first cut into P contiguous parts as
 ``datasets`` does for P processes, each grouped from its own start, which reproduces a
 cache the release built with ``num_proc=P``; ``shards.wrap_group_docs=0`` concatenates the
-whole split (one tail dropped). Pad mode tokenizes each document with its special tokens,
+whole split (one tail dropped). The BD3-LM release's ``data.insert_{train,valid}_special=False``
+cuts plain ``block_size`` rows instead of framing them, and ``data.insert_{train,valid}_eos=False``
+appends no EOS to the documents (wrap mode only, as there). Pad mode tokenizes each document with its special tokens,
 truncated and padded to ``block_size``. After each shard, ``progress.json`` records what is
 finished (and the tokens carried into the next shard), so a rerun skips finished shards and
 produces byte-identical files; ``meta.json``, written last, marks the directory complete.
@@ -67,6 +69,17 @@ class BuildSpec:
     wrap_group_docs: int = 1_000  # 0: the whole split is one group
     wrap_group_procs: int = 1
     tokenize: str = "auto"  # where tokenizing runs (pretrain.data.encode); bytes are the same
+    special: bool = True  # wrap: [BOS] ... [EOS] around each block (data.insert_*_special)
+    doc_eos: bool = True  # wrap: EOS after each document (data.insert_*_eos)
+
+    def changed_framing(self) -> dict:
+        """The framing settings that differ from the default (wrap mode only): part of the
+        directory name and the build's parameters only then, so that shards built before
+        these settings existed keep their names and resume."""
+        if not self.wrap:
+            return {}
+        return {k: v for k, v in (("special", self.special), ("doc_eos", self.doc_eos))
+                if not v}
 
 
 def block_size_for(dataset: str, split: str, length: int) -> int:
@@ -83,6 +96,9 @@ def shard_dir(spec: BuildSpec, tokenizer) -> Path:
     if spec.wrap and spec.wrap_group_docs:
         mode += f"{spec.wrap_group_docs}" + (f"x{spec.wrap_group_procs}"
                                               if spec.wrap_group_procs > 1 else "")
+    changed = spec.changed_framing()
+    mode += "-unframed" if "special" in changed else ""
+    mode += "-noeos" if "doc_eos" in changed else ""
     root = Path(os.path.expanduser(spec.cache_dir))
     return root / f"{name}-{spec.split}-L{spec.block_size}-{mode}-{vocab_hash(tokenizer)}"
 
@@ -139,9 +155,13 @@ def _shard_jobs(texts, start: int, docs_per_shard: int, groups: WrapGroups | Non
         offset += size
 
 
-def _frame(stream: np.ndarray, block_size: int, bos: int, eos: int):
-    """Cuts a token stream into [BOS] + (block_size - 2 tokens) + [EOS] rows; returns the
-    rows and the uncut remainder."""
+def _frame(stream: np.ndarray, block_size: int, bos: int | None, eos: int | None):
+    """Cuts a token stream into [BOS] + (block_size - 2 tokens) + [EOS] rows (plain rows of
+    ``block_size`` tokens when ``bos`` and ``eos`` are None); returns the rows and the uncut
+    remainder."""
+    if bos is None:
+        n = len(stream) // block_size
+        return stream[: n * block_size].reshape(n, block_size), stream[n * block_size:]
     body = block_size - 2
     n = len(stream) // body
     rows = np.empty((n, block_size), dtype=np.int64)
@@ -169,8 +189,9 @@ def build(spec: BuildSpec, tokenizer, progress: bool = True, stop_after=None,
 
     directory.mkdir(parents=True, exist_ok=True)
     # what decides the shards' bytes (not how many cores or which way made them)
-    params = asdict(spec) | {"num_proc": None, "tokenize": None,
-                             "vocab_hash": vocab_hash(tokenizer)}
+    params = {k: v for k, v in asdict(spec).items() if k not in ("special", "doc_eos")}
+    params |= spec.changed_framing() | {"num_proc": None, "tokenize": None,
+                                        "vocab_hash": vocab_hash(tokenizer)}
     state = {"params": params, "docs_done": 0, "carry": [], "shards": []}
     if (directory / PROGRESS).is_file():
         saved = json.loads((directory / PROGRESS).read_text())
@@ -197,7 +218,8 @@ def build(spec: BuildSpec, tokenizer, progress: bool = True, stop_after=None,
                               spec.block_size)
             try:
                 carry, docs, tokens = _encode_shard(encoder.map(jobs), shard, state, bos, eos,
-                                                    spec.block_size)
+                                                    spec.block_size, spec.special,
+                                                    spec.doc_eos)
                 if docs == 0:
                     break
                 entry = shard.finish()
@@ -231,16 +253,20 @@ def build(spec: BuildSpec, tokenizer, progress: bool = True, stop_after=None,
 
 
 def _encode_shard(results, shard: _ShardOut, state: dict, bos: int, eos: int,
-                  block_size: int):
+                  block_size: int, special: bool = True, doc_eos: bool = True):
     """Frames (wrap) or copies (pad) each encoded batch into ``shard`` as it arrives;
     returns the carry into the next shard, the documents and the tokens of this one."""
     carry = np.asarray(state["carry"], dtype=np.int64)
     docs = tokens = 0
     for (ids, lengths), ends_group in results:
+        if shard.wrap and not doc_eos:  # each document's ids end with the EOS appended
+            ids = np.delete(ids, np.cumsum(lengths) - 1)
+            lengths = lengths - 1
         docs += len(lengths)
         tokens += int(lengths.sum())
         if shard.wrap:
-            rows, carry = _frame(np.concatenate([carry, ids]), block_size, bos, eos)
+            rows, carry = _frame(np.concatenate([carry, ids]), block_size,
+                                 *((bos, eos) if special else (None, None)))
             if ends_group:
                 carry = carry[:0]  # the group's incomplete tail is dropped
             shard.write(rows)
@@ -300,6 +326,8 @@ def _meta(spec: BuildSpec, tokenizer, state: dict, bos: int, eos: int, dtype) ->
         "mode": "wrap" if spec.wrap else "pad",
         "wrap_group_docs": spec.wrap_group_docs if spec.wrap else None,
         "wrap_group_procs": spec.wrap_group_procs if spec.wrap else None,
+        "block_framing": ("[BOS] ... [EOS]" if spec.special else "none") if spec.wrap else None,
+        "document_eos": spec.doc_eos if spec.wrap else None,
         "dtype": np.dtype(dtype).name,
         "num_documents": state["docs_done"],
         "num_sequences": sum(s["sequences"] for s in state["shards"]),

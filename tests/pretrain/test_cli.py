@@ -129,3 +129,20 @@ def test_lightning_strategy_and_callbacks_are_noted_or_renamed(tmp_path, capsys)
     assert len(notes) == 4 and all(n.startswith("mdlm: note:") for n in notes)
     done = run_cli(*args, "mode=bogus", cwd=tmp_path)
     assert "mode=bogus is not a mode" in done.stderr  # Hydra never saw the Lightning keys
+
+
+def test_the_bd3lm_releases_data_switches_reach_both_splits():
+    """data.insert_*: ours too, in whichever data group; the release's scripts sometimes
+    add them with a "+", which is read as setting them."""
+    from pretrain.cli import translate_algo
+    from pretrain.data.datasets import build_spec
+
+    assert (compose_config("data=wikitext2").data.insert_valid_special,
+            compose_config().data.insert_train_eos) == (True, True)
+    argv = translate_algo(["data=openwebtext-split", "data.insert_train_special=False",
+                           "+data.insert_valid_eos=False"])
+    assert argv[1:] == ["data.insert_train_special=False", "data.insert_valid_eos=False"]
+    cfg = compose_config(*argv)
+    train, valid = build_spec(cfg, "train"), build_spec(cfg, "valid")
+    assert (train.special, train.doc_eos, valid.special, valid.doc_eos) == (
+        False, True, True, False)

@@ -12,7 +12,7 @@ import pytest
 
 from pretrain.data import shards as fmt
 from pretrain.data.encode import Encoder
-from pretrain.data.prepare import BuildSpec, build
+from pretrain.data.prepare import BuildSpec, build, shard_dir
 from pretrain.data.tokenizers import get_tokenizer
 from tests.pretrain.data_helpers import corpus, word_tokenizer, write_gpt2_style
 
@@ -37,8 +37,10 @@ def bpe(bpe_dir):
     return get_tokenizer(str(bpe_dir))
 
 
-def reference(docs, tok, wrap, docs_per_shard, group_docs, procs):
-    """Expected shard bytes, computed document by document."""
+def reference(docs, tok, wrap, docs_per_shard, group_docs, procs, special=True,
+              doc_eos=True):
+    """Expected shard bytes, computed document by document (``special``: [BOS] ... [EOS]
+    around each wrapped block; ``doc_eos``: EOS after each document)."""
     dtype = fmt.token_dtype(len(tok))
     if not wrap:
         rows = [tok(d, max_length=L, padding="max_length", truncation=True)["input_ids"]
@@ -53,14 +55,14 @@ def reference(docs, tok, wrap, docs_per_shard, group_docs, procs):
         for g in range(lo, hi, group_docs):
             tokens, owner = [], []  # each token and the document it came from
             for i in range(g, min(g + group_docs, hi)):
-                ids = tok(docs[i], add_special_tokens=False)["input_ids"] + [eos]
+                ids = tok(docs[i], add_special_tokens=False)["input_ids"] + [eos] * doc_eos
                 tokens += ids
                 owner += [i] * len(ids)
-            body = L - 2
+            body = L - 2 if special else L
             for s in range(0, len(tokens) // body * body, body):
                 # a block lands in the shard of the document that completes it
                 per_shard.setdefault(owner[s + body - 1] // docs_per_shard, []).append(
-                    [bos] + tokens[s:s + body] + [eos])
+                    [bos] * special + tokens[s:s + body] + [eos] * special)
     return [np.asarray(per_shard[k], dtype=dtype).tobytes() for k in sorted(per_shard)]
 
 
@@ -85,6 +87,30 @@ def test_wrap_shards_equal_the_reference(tmp_path, bpe, strategy):
         got, meta = built(build(spec, bpe, progress=False, encoder=encoder))
     assert got == expected and len(got) > 3
     assert meta["num_sequences"] * L * 2 == sum(map(len, expected))
+
+
+@pytest.mark.parametrize("special,doc_eos", [(False, True), (True, False), (False, False)])
+def test_the_release_framing_switches(tmp_path, bpe, special, doc_eos):
+    """The BD3-LM release's data.insert_*_special=False (plain rows of L tokens) and
+    data.insert_*_eos=False (no EOS after the documents), each in its own directory."""
+    docs = documents()
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs))
+    expected = reference(docs, bpe, True, 13, 7, 2, special=special, doc_eos=doc_eos)
+    spec = BuildSpec(str(data), "train", "bpe", L, True, str(tmp_path / "c"),
+                     docs_per_shard=13, batch_docs=3, wrap_group_docs=7, wrap_group_procs=2,
+                     special=special, doc_eos=doc_eos)
+    directory = build(spec, bpe, progress=False, stop_after=2)  # killed, then resumed
+    directory = build(spec, bpe, progress=False)
+    got, meta = built(directory)
+    assert got == expected and len(got) > 3
+    assert meta["block_framing"] == ("[BOS] ... [EOS]" if special else "none")
+    assert meta["document_eos"] == doc_eos
+    default = BuildSpec(str(data), "train", "bpe", L, True, str(tmp_path / "c"),
+                        docs_per_shard=13, batch_docs=3, wrap_group_docs=7, wrap_group_procs=2)
+    suffix = "-unframed" * (not special) + "-noeos" * (not doc_eos)
+    assert directory.name == shard_dir(default, bpe).name.replace("-wrap7x2-",
+                                                                  f"-wrap7x2{suffix}-")
 
 
 @pytest.mark.parametrize("strategy", ["threads", "processes"])
