@@ -15,7 +15,9 @@
 #      AR, and the masked path with activation checkpointing;
 #   3. bf16 against fp32 logits on the same weights; the compiled model's fused cross
 #      entropy (padded vocabulary, float32 weight gradient from the GEMM) against the plain
-#      chunked one;
+#      chunked one; block diffusion's training pass through flex attention against SDPA
+#      with the dense mask (bf16 against fp32, and the time of each), and its sampler at
+#      2048 tokens with the KV cache and without;
 #   4. a one-GPU training run that is killed, resumes, and logs the losses of an
 #      uninterrupted run (within a tolerance: CUDA reductions are not deterministic);
 #   5. host synchronizations per step; text8-crop with a generator on the device;
@@ -96,6 +98,7 @@ if [ "$DRY" = 1 ]; then
     LOSS=(--models tiny --length 64 --vocab 4097 --batch 1 --repeats 1 --warmup 0)
     CHECK=(--dry-run)
     SIZE=(data=builtin model=tiny model.n_blocks=2 model.length=64 trainer.precision=32)
+    BD3_SAMPLING=(--hidden 64 --blocks 2 --heads 2 --length 96 --block-size 16)
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     THROUGHPUT=(--models small --length 1024 --batch 16 --max-batch 256 --steps 5 --warmup 2
@@ -103,6 +106,9 @@ else
     LOSS=(--models small --length 1024 --batch 8 --repeats 3 --autocast bf16)
     CHECK=()
     SIZE=(data=builtin model=tiny model.length=128)
+    # block diffusion's sampler at twice the context, the release's small model and vocabulary
+    BD3_SAMPLING=(--hidden 768 --blocks 12 --heads 12 --vocab 50258 --length 2048
+                  --block-size 16)
 fi
 "$PY" -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'cuda',
 torch.version.cuda, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
@@ -114,6 +120,7 @@ step loss-path 90 "$PY" benchmarks/bench_train.py --suite loss --objectives subs
 step logits 60 "$PY" benchmarks/gpu_checks.py logits "${CHECK[@]}"
 step fused-loss 90 "$PY" benchmarks/gpu_checks.py fused-loss "${CHECK[@]}"
 step bd3lm-flex 120 "$PY" benchmarks/gpu_checks.py bd3lm-flex "${CHECK[@]}"
+step bd3lm-sampling 120 "$PY" benchmarks/bench_bd3lm.py --suite sampling "${BD3_SAMPLING[@]}"
 
 # a one-device DeepSpeed run (DeepSpeed's FusedAdam on CUDA, compiled by the first run and
 # cached): straight, and killed at step 6 then resumed

@@ -36,4 +36,4 @@ def test_gpu_check_dry_run_passes_every_step(tmp_path):
                       "validation_sampling_memory": True, "host_syncs_per_micro_step": True,
                       "resume_same_losses": True, "fp16": True}
     benches = {r["bench"] for r in records if "bench" in r}
-    assert benches == {"train_step", "train_loss"}
+    assert benches == {"train_step", "train_loss", "bd3lm_sampling"}
