@@ -47,8 +47,7 @@ if str(ROOT) not in sys.path:  # run as a file from a plain checkout
 
 import torch  # noqa: E402
 
-from model import Diffusion, ModelConfig  # noqa: E402
-from model import projection  # noqa: E402
+from model import Diffusion, ModelConfig, projection  # noqa: E402
 from model.config import ARCHITECTURES  # noqa: E402
 from pretrain.flops import flops_per_token, peak_flops  # noqa: E402
 from pretrain.optim import deepspeed_adamw  # noqa: E402

@@ -189,8 +189,9 @@ def check_bd3lm_flex(dry: bool) -> bool:
     16; 4 on a CPU) through flex attention (``auto`` on CUDA: compiled, its BlockMask
     skipping empty tiles) against SDPA with the dense mask, under bf16 autocast: each one's
     distance from an fp32 SDPA pass on the same weights, noise and times, where flex must
-    be no further off than SDPA; then the forward + backward time of each. On a CPU flex is
-    not used (no backward there) and both rows run SDPA."""
+    be no further off than SDPA; then the forward + backward time of each. On CUDA also
+    flex inside compiled blocks with activation checkpointing (training's setup). On a CPU
+    flex is not used (no backward there) and both rows run SDPA."""
     import time
 
     s = sizes(dry)
@@ -199,13 +200,16 @@ def check_bd3lm_flex(dry: bool) -> bool:
     x0 = torch.randint(0, s["vocab"] - 1, (batch, s["length"]), device=device())
     state = None
 
-    def run(autocast: str, backend: str, steps: int = 0):
+    def run(autocast: str, backend: str, steps: int = 0, compiled: bool = False):
         nonlocal state
         model = build(dry, autocast=autocast, attn_backend=backend, parameterization="bd3lm",
-                      block_size=block, resample=False).train()
+                      block_size=block, resample=False,
+                      activation_checkpointing=compiled).train()
         if state is None:
             state = model.state_dict()
         model.load_state_dict(state)
+        if compiled:  # as training runs it on CUDA: flex inside each compiled block
+            compile_backbone(model.backbone)
 
         def step():
             model.zero_grad(set_to_none=True)
@@ -230,6 +234,7 @@ def check_bd3lm_flex(dry: bool) -> bool:
     def rel(a, b):
         return float((a - b).norm() / b.norm())
 
+    from model import compile_backbone
     from model.attention import uses_flex
 
     (nlls, grads), _ = run("off", "sdpa")
@@ -237,13 +242,19 @@ def check_bd3lm_flex(dry: bool) -> bool:
     values = {"flex_used": uses_flex("auto", device()), "batch": batch,
               "length": s["length"], "block_size": block}
     ok = True
-    for backend in ("sdpa", "auto"):
-        (n, g), seconds = run("bf16", backend, steps)
-        values[backend] = {"loss_rel": rel(n, nlls), "grad_rel": rel(g, grads),
-                           "ms_per_step": 1e3 * seconds,
-                           "tokens_per_s": batch * s["length"] / seconds}
-    for key in ("loss_rel", "grad_rel"):
-        ok = ok and values["auto"][key] <= 1.1 * values["sdpa"][key] + 1e-4
+    # the last row, CUDA only (compiling on a CPU takes minutes): compiled blocks with
+    # activation checkpointing, as a training run on a GPU has them
+    rows = {"sdpa": ("sdpa", False), "auto": ("auto", False)}
+    if device().type == "cuda":
+        rows["auto_compiled_checkpointed"] = ("auto", True)
+    for name, (backend, compiled) in rows.items():
+        (n, g), seconds = run("bf16", backend, steps, compiled)
+        values[name] = {"loss_rel": rel(n, nlls), "grad_rel": rel(g, grads),
+                        "ms_per_step": 1e3 * seconds,
+                        "tokens_per_s": batch * s["length"] / seconds}
+    for name in rows:
+        for key in ("loss_rel", "grad_rel"):
+            ok = ok and values[name][key] <= 1.1 * values["sdpa"][key] + 1e-4
     values["speedup"] = values["sdpa"]["ms_per_step"] / values["auto"]["ms_per_step"]
     return report("bd3lm_flex_vs_sdpa", ok, **values)
 

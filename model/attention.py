@@ -35,16 +35,23 @@ def flex_importable() -> bool:
 
 def uses_flex(requested: str, device: torch.device) -> bool:
     """Whether block diffusion's masked attention runs through flex attention: with
-    ``model.attn_backend=auto|flex`` on CUDA where this torch has it (flex attention has no
-    backward on the CPU); otherwise SDPA with the same mask, dense."""
-    return requested in ("auto", "flex") and device.type == "cuda" and flex_importable()
+    ``model.attn_backend=flex`` on CUDA where this torch has it, with ``auto`` there on
+    GPUs of compute capability 8.0 or more (where its kernels are tuned); otherwise (flex
+    attention has no backward on the CPU) SDPA with the same mask, dense."""
+    if device.type != "cuda" or not flex_importable():
+        return False
+    if requested == "flex":
+        return True
+    return requested == "auto" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # dynamic=None: a new batch size (a last partial batch, each zero-shot dataset) is
+    # compiled once as dynamic, not once per size up to dynamo's recompile limit
+    return torch.compile(flex_attention, dynamic=None)
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:

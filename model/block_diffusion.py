@@ -25,22 +25,25 @@ def attention_mask(length: int, block_size: int, device=None) -> torch.Tensor:
     """(2L, 2L) boolean, True where query i may attend to key j. Positions [0, L) hold x_t
     and [L, 2L) x_0; position p is in block (p mod L) // block_size. x_t attends to its own
     block of x_t and to the blocks of x_0 strictly before it; x_0 attends to its own and the
-    earlier blocks of x_0 (block-causal), never to x_t."""
-    index = torch.arange(2 * length, device=device)
-    clean = index >= length
-    block = (index % length) // block_size
-    q_clean, k_clean = clean[:, None], clean[None, :]
-    q_block, k_block = block[:, None], block[None, :]
-    own_block = (q_block == k_block) & (q_clean == k_clean)
-    earlier_clean = (q_block > k_block) & ~q_clean & k_clean
-    clean_causal = (q_block >= k_block) & q_clean & k_clean
-    return own_block | earlier_clean | clean_causal
+    earlier blocks of x_0 (block-causal), never to x_t. Built outside inference mode, so a
+    first call under ``torch.inference_mode`` does not cache a tensor training cannot use."""
+    with torch.inference_mode(False):
+        index = torch.arange(2 * length, device=device)
+        clean = index >= length
+        block = (index % length) // block_size
+        q_clean, k_clean = clean[:, None], clean[None, :]
+        q_block, k_block = block[:, None], block[None, :]
+        own_block = (q_block == k_block) & (q_clean == k_clean)
+        earlier_clean = (q_block > k_block) & ~q_clean & k_clean
+        clean_causal = (q_block >= k_block) & q_clean & k_clean
+        return own_block | earlier_clean | clean_causal
 
 
 @functools.lru_cache(maxsize=8)
 def flex_mask(length: int, block_size: int, device=None):
-    """``attention_mask`` as a flex-attention ``BlockMask``: tiles no query attends into
-    (x_0 to x_t, the blocks after each query's) are skipped, about half of the (2L)^2."""
+    """``attention_mask`` as a flex-attention ``BlockMask`` (built outside inference mode
+    too): tiles no query attends into (x_0 to x_t, the blocks after each query's) are
+    skipped, about half of the (2L)^2."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def allowed(batch, head, q, k):
@@ -51,7 +54,8 @@ def flex_mask(length: int, block_size: int, device=None):
         clean_causal = (q_block >= k_block) & q_clean & k_clean
         return own_block | earlier_clean | clean_causal
 
-    return create_block_mask(allowed, None, None, 2 * length, 2 * length, device=device)
+    with torch.inference_mode(False):  # cached: usable by training after an evaluation
+        return create_block_mask(allowed, None, None, 2 * length, 2 * length, device=device)
 
 
 def block_causal_mask(length: int, block_size: int, device=None) -> torch.Tensor:

@@ -16,8 +16,9 @@ tail. With ``shards.wrap_group_procs=P`` the split is first cut into P contiguou
 ``datasets`` does for P processes, each grouped from its own start, which reproduces a
 cache the release built with ``num_proc=P``; ``shards.wrap_group_docs=0`` concatenates the
 whole split (one tail dropped). The BD3-LM release's ``data.insert_{train,valid}_special=False``
-cuts plain ``block_size`` rows instead of framing them, and ``data.insert_{train,valid}_eos=False``
-appends no EOS to the documents (wrap mode only, as there). Pad mode tokenizes each document with its special tokens,
+cuts plain ``block_size`` rows instead of framing them, and
+``data.insert_{train,valid}_eos=False`` appends no EOS to the documents (wrap mode only, as
+there). Pad mode tokenizes each document with its special tokens,
 truncated and padded to ``block_size``. After each shard, ``progress.json`` records what is
 finished (and the tokens carried into the next shard), so a rerun skips finished shards and
 produces byte-identical files; ``meta.json``, written last, marks the directory complete.
@@ -348,8 +349,8 @@ def _main(cfg) -> None:
             from pretrain.data.datasets import build_spec, ensure_shards, tokenizer_for
 
             tokenizer = tokenizer_for(cfg)
-    except ModuleNotFoundError as err:
-        if err.name != "torch" or not hidden:
+    except ImportError as err:  # transformers' torch-only classes say "requires PyTorch"
+        if not hidden or not (err.name == "torch" or "PyTorch" in str(err)):
             raise
         _rerun_with_torch()
     summary = {}
@@ -366,8 +367,11 @@ def _main(cfg) -> None:
 
 
 def _rerun_with_torch():
+    from hydra.core.hydra_config import HydraConfig
+
     print("prepare: this tokenizer needs torch to load; running again with it.",
           file=sys.stderr, flush=True)
+    os.chdir(HydraConfig.get().runtime.cwd)  # the overrides' relative paths are from there
     os.execve(sys.executable, [sys.executable, "-m", "pretrain.data.prepare", *sys.argv[1:]],
               dict(os.environ, **{WITH_TORCH: "1"}))
 
@@ -384,20 +388,23 @@ def _task(cfg) -> None:
         raise SystemExit(2) from None
 
 
-def _check_overrides(argv: list[str]) -> None:
-    """A misspelt key or group choice stops as it does in ``mdlm`` (the closest valid one
-    named, exit status 2), said as ``prepare: ...``."""
+def _read_overrides(argv: list[str]) -> list[str]:
+    """``argv`` read as ``mdlm`` reads it (the releases' keys translated, each noted) and
+    checked: a misspelt key or group choice stops with the closest valid one named (exit
+    status 2); said as ``prepare: ...``."""
     import contextlib
     import io
 
-    from pretrain.cli import check_overrides
+    from pretrain.cli import check_overrides, translate_algo, translate_lightning
 
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said):
+            argv = translate_algo(translate_lightning(argv))
             check_overrides(argv)
     finally:
         sys.stderr.write(said.getvalue().replace("mdlm: ", "prepare: "))
+    return argv
 
 
 def main() -> None:
@@ -406,7 +413,7 @@ def main() -> None:
     from pretrain.resolvers import register
 
     register()
-    _check_overrides(sys.argv[1:])
+    sys.argv[1:] = _read_overrides(sys.argv[1:])
     hydra.main(config_path="../config", config_name="config", version_base=None)(_task)()
 
 

@@ -133,14 +133,20 @@ class ShardDataset:
         self._lengths: dict[int, np.memmap] = {}
 
     def _check_expected(self, expect: dict) -> None:
+        split = "train" if self.meta.get("split") == "train" else "valid"
         fixes = {
             "vocab_hash": "the tokenizer (data.tokenizer_name_or_path)",
             "vocab_size": "the tokenizer's vocabulary size",
             "block_size": "model.length",
             "mode": "data.wrap",
+            "block_framing": f"data.insert_{split}_special",
+            "document_eos": f"data.insert_{split}_eos",
         }
+        # wrap-mode shards built before the framing was recorded were framed, with EOS
+        legacy = {"block_framing": "[BOS] ... [EOS]", "document_eos": True}
         for key, value in expect.items():
-            have = self.meta.get(key)
+            have = self.meta.get(key, legacy.get(key) if self.meta.get("mode") == "wrap"
+                                 else None)
             if value is not None and have != value:
                 raise ShardError(
                     f"shards in {self.directory} were built with {key}={have!r} but this run "

@@ -68,7 +68,7 @@ def test_flex_attention_gives_the_sdpa_losses(monkeypatch):
     x0 = torch.randint(0, 22, (3, 12), generator=torch.Generator().manual_seed(2))
     losses = {}
     for flex in (False, True):
-        monkeypatch.setattr(model.dit, "uses_flex", lambda requested, device: flex)
+        monkeypatch.setattr(model.dit, "uses_flex", lambda requested, device, on=flex: on)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
             losses[flex] = network.loss(x0, generator=torch.Generator().manual_seed(3)).nlls

@@ -106,6 +106,10 @@ def test_the_release_framing_switches(tmp_path, bpe, special, doc_eos):
     assert got == expected and len(got) > 3
     assert meta["block_framing"] == ("[BOS] ... [EOS]" if special else "none")
     assert meta["document_eos"] == doc_eos
+    # opened for a run that frames and ends documents (the default): named, not used
+    with pytest.raises(fmt.ShardError, match="data.insert_train_"):
+        fmt.ShardDataset(directory, expect={"block_framing": "[BOS] ... [EOS]",
+                                            "document_eos": True})
     default = BuildSpec(str(data), "train", "bpe", L, True, str(tmp_path / "c"),
                         docs_per_shard=13, batch_docs=3, wrap_group_docs=7, wrap_group_procs=2)
     suffix = "-unframed" * (not special) + "-noeos" * (not doc_eos)
@@ -301,34 +305,44 @@ with torch_hidden() as hidden:
                           timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "PyTorch was not found" not in done.stderr
+    from pretrain.data.encode import WITH_TORCH
+
+    done = subprocess.run([sys.executable, "-c", "from pretrain.data.encode import "
+                           "torch_hidden\nwith torch_hidden() as h:\n    assert not h"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env=dict(__import__("os").environ, **{WITH_TORCH: "1"}))
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_a_tokenizer_that_needs_torch_reruns_the_command_with_it(monkeypatch):
-    import contextlib
+def test_a_tokenizer_that_needs_torch_reruns_the_command_with_it(tmp_path, bpe_dir):
+    """A tokenizer whose loading imports torch (here: get_tokenizer made to, from a
+    sitecustomize) reruns the command with torch, from where it was started: relative paths
+    still hold, though Hydra had moved into its run directory."""
+    import os
+    import subprocess
+    import sys
 
-    from pretrain.data import datasets, prepare
-
-    @contextlib.contextmanager
-    def hidden():
-        yield True
-
-    def needs_torch(cfg):
-        raise ModuleNotFoundError("import of torch halted; None in sys.modules", name="torch")
-
-    class Rerun(Exception):
-        pass
-
-    def rerun():
-        raise Rerun
-
-    monkeypatch.setattr(prepare, "torch_hidden", hidden)
-    monkeypatch.setattr(datasets, "tokenizer_for", needs_torch)
-    monkeypatch.setattr(prepare, "_rerun_with_torch", rerun)
-    monkeypatch.setattr("pretrain.resolvers.absolutize_paths", lambda cfg: None)
-    with pytest.raises(Rerun):
-        prepare._main(None)
-    monkeypatch.setenv(prepare.WITH_TORCH, "1")
-    from pretrain.data.encode import torch_hidden
-
-    with torch_hidden() as was_hidden:
-        assert not was_hidden
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import pretrain.data.tokenizers as t\n"
+        "real = t.get_tokenizer\n"
+        "def needs_torch(*args, **kwargs):\n"
+        "    import torch  # noqa: F401\n"
+        "    return real(*args, **kwargs)\n"
+        "t.get_tokenizer = needs_torch\n")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                              for t in documents()))
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hook), str(repo)]))
+    env.pop("PRETRAIN_PREPARE_WITH_TORCH", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "pretrain.data.prepare", "data.train=d.jsonl",
+         "data.valid=d.jsonl", f"data.tokenizer_name_or_path={bpe_dir}",
+         "data.cache_dir=cache", f"model.length={L}", "shards.num_proc=1",
+         "hydra.run.dir=run"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("this tokenizer needs torch to load; running again") == 1
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(summary["train"]["directory"]).parent == tmp_path / "cache"
