@@ -65,6 +65,9 @@ def init(timeout_minutes: float | None = None, dead_rank_minutes: float | None =
     if not cuda_enabled():
         # a CPU run hides the GPUs the launcher named, before anything initialises CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    from pretrain.optim import settle_build_locks
+
+    settle_build_locks()  # a killed build's lock would hang DeepSpeed's op loading
     import deepspeed
 
     on_cuda = cuda_enabled()

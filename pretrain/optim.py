@@ -9,7 +9,8 @@ torch's AdamW, for comparisons.
 
 DeepSpeed compiles these ops on first use (about a minute) and caches them under
 ``~/.cache/torch_extensions`` (or ``$TORCH_EXTENSIONS_DIR``); a run that has to compile one
-says so once.
+says so once. A build killed mid-way leaves a lock that would hang every later run: see
+``settle_build_locks``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -132,6 +134,54 @@ def is_built(builder) -> bool:
         return True
     directory = _get_build_directory(builder.name, verbose=False)
     return any(Path(directory).glob("*.so"))
+
+
+BUILD_LOCK_STALE_SECONDS = 600.0  # an op builds in about a minute
+
+
+def build_lock_files() -> list[Path]:
+    """The ``lock`` files of torch's extension builds (DeepSpeed's ops) under
+    ``$TORCH_EXTENSIONS_DIR``, or ``~/.cache/torch_extensions/<python>_<accelerator>``."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return sorted(Path(root).glob("*/lock"))
+    return sorted(Path(get_default_build_root()).glob("*/*/lock"))
+
+
+def settle_build_locks(stale_after: float = BUILD_LOCK_STALE_SECONDS,
+                       poll: float = 1.0) -> list[Path]:
+    """Waits for, or removes, the locks of op builds before DeepSpeed loads its ops; returns
+    the locks it removed.
+
+    torch's extension loader holds a ``lock`` file in the op's build directory while it
+    compiles, and every other process waits for the file to go, with no time limit. A
+    build killed mid-way (a preempted or timed-out job, Ctrl-C) leaves the file behind, and
+    every later run would hang at start-up. A lock younger than ``stale_after`` seconds is
+    another process's build: waited for, said once. One that old is left over: removed,
+    with a warning, and the op is built again."""
+    removed, said = [], set()
+    for lock in build_lock_files():
+        while True:
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                break  # that build finished
+            if age >= stale_after:
+                lock.unlink(missing_ok=True)
+                log.warning("removed %s, left %.0f minutes ago by a build of DeepSpeed's %s "
+                            "op that did not finish; the op is built again", lock, age / 60,
+                            lock.parent.name)
+                removed.append(lock)
+                break
+            if lock not in said:
+                log.info("waiting for another process's build of DeepSpeed's %s op (%s; a "
+                         "lock older than %.0f minutes is removed)", lock.parent.name, lock,
+                         stale_after / 60)
+                said.add(lock)
+            time.sleep(poll)
+    return removed
 
 
 def announce_build(builder) -> None:

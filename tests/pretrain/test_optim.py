@@ -117,3 +117,38 @@ def test_arch_list_in_the_form_deepspeed_parses(monkeypatch):
     with arch_list_deepspeed_reads():
         assert "TORCH_CUDA_ARCH_LIST" not in os.environ
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "All"
+
+
+def test_a_killed_builds_lock_is_removed_and_a_running_one_waited_for(tmp_path, monkeypatch,
+                                                                      caplog):
+    """torch waits for an op build's lock with no time limit: a lock left by a killed build
+    would hang every later run at start-up. An old one is removed; a young one (another
+    process building) is waited for until it goes, or until it is old."""
+    import logging
+    import os
+    import threading
+    import time
+
+    from pretrain.optim import build_lock_files, settle_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    for op in ("cpu_adam", "fused_adam", "deepspeed_shm_comm"):
+        (tmp_path / op).mkdir()
+    left = tmp_path / "cpu_adam" / "lock"
+    left.touch()
+    os.utime(left, (time.time() - 3600, time.time() - 3600))
+    building = tmp_path / "fused_adam" / "lock"
+    building.touch()
+    threading.Timer(0.3, building.unlink).start()  # that build finishes
+    assert build_lock_files() == [left, building]
+    with caplog.at_level(logging.INFO, logger="pretrain.optim"):
+        started = time.monotonic()
+        assert settle_build_locks(poll=0.05) == [left]
+    assert 0.25 < time.monotonic() - started < 5
+    assert not left.exists() and not building.exists()
+    assert "did not finish; the op is built again" in caplog.text
+    assert "waiting for another process's build of DeepSpeed's fused_adam op" in caplog.text
+    # a young lock whose build never ends is removed once it is old
+    stuck = tmp_path / "deepspeed_shm_comm" / "lock"
+    stuck.touch()
+    assert settle_build_locks(stale_after=0.2, poll=0.05) == [stuck]
