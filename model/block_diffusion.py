@@ -20,6 +20,16 @@ import torch
 DEFAULT_EPS_MIN = 1e-3
 
 
+def _allowed(q: torch.Tensor, k: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """Whether query position ``q`` may attend to key position ``k`` (broadcasting)."""
+    q_clean, k_clean = q >= length, k >= length
+    q_block, k_block = (q % length) // block_size, (k % length) // block_size
+    own_block = (q_block == k_block) & (q_clean == k_clean)
+    earlier_clean = (q_block > k_block) & ~q_clean & k_clean
+    clean_causal = (q_block >= k_block) & q_clean & k_clean
+    return own_block | earlier_clean | clean_causal
+
+
 @functools.lru_cache(maxsize=8)  # built once per shape, not at every training step
 def attention_mask(length: int, block_size: int, device=None) -> torch.Tensor:
     """(2L, 2L) boolean, True where query i may attend to key j. Positions [0, L) hold x_t
@@ -29,14 +39,7 @@ def attention_mask(length: int, block_size: int, device=None) -> torch.Tensor:
     first call under ``torch.inference_mode`` does not cache a tensor training cannot use."""
     with torch.inference_mode(False):
         index = torch.arange(2 * length, device=device)
-        clean = index >= length
-        block = (index % length) // block_size
-        q_clean, k_clean = clean[:, None], clean[None, :]
-        q_block, k_block = block[:, None], block[None, :]
-        own_block = (q_block == k_block) & (q_clean == k_clean)
-        earlier_clean = (q_block > k_block) & ~q_clean & k_clean
-        clean_causal = (q_block >= k_block) & q_clean & k_clean
-        return own_block | earlier_clean | clean_causal
+        return _allowed(index[:, None], index[None, :], length, block_size)
 
 
 @functools.lru_cache(maxsize=8)
@@ -47,12 +50,7 @@ def flex_mask(length: int, block_size: int, device=None):
     from torch.nn.attention.flex_attention import create_block_mask
 
     def allowed(batch, head, q, k):
-        q_clean, k_clean = q >= length, k >= length
-        q_block, k_block = (q % length) // block_size, (k % length) // block_size
-        own_block = (q_block == k_block) & (q_clean == k_clean)
-        earlier_clean = (q_block > k_block) & ~q_clean & k_clean
-        clean_causal = (q_block >= k_block) & q_clean & k_clean
-        return own_block | earlier_clean | clean_causal
+        return _allowed(q, k, length, block_size)
 
     with torch.inference_mode(False):  # cached: usable by training after an evaluation
         return create_block_mask(allowed, None, None, 2 * length, 2 * length, device=device)

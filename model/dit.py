@@ -174,13 +174,14 @@ class DIT(nn.Module):
         x, c = self._embed(indices if clean is None else torch.cat([indices, clean], 1),
                            sigma)
         cos, sin = self.rotary_emb(length, device)
-        args = (cos, sin, c) if attn_mask is None else (cos, sin, c, attn_mask)
         if clean is not None:
             training_mask = (block_diffusion.flex_mask
                              if uses_flex(self.config.attn_backend, device)
                              else block_diffusion.attention_mask)
             mask = training_mask(length, self.config.blocks, device)
             args = (torch.cat([cos, cos]), torch.cat([sin, sin]), c, mask)
+        else:
+            args = (cos, sin, c) if attn_mask is None else (cos, sin, c, attn_mask)
         with mixed_precision(self.config, device):
             x = run_blocks(self.blocks, x, args, self.config.activation_checkpointing)
         return x[:, :length], c

@@ -161,8 +161,9 @@ def settle_build_locks(stale_after: float = BUILD_LOCK_STALE_SECONDS,
     every later run would hang at start-up. A lock younger than ``stale_after`` seconds is
     another process's build: waited for, said once. One that old is left over: removed,
     with a warning, and the op is built again."""
-    removed, said = [], set()
+    removed = []
     for lock in build_lock_files():
+        said = False
         while True:
             try:
                 age = time.time() - lock.stat().st_mtime
@@ -175,11 +176,11 @@ def settle_build_locks(stale_after: float = BUILD_LOCK_STALE_SECONDS,
                             lock.parent.name)
                 removed.append(lock)
                 break
-            if lock not in said:
+            if not said:
                 log.info("waiting for another process's build of DeepSpeed's %s op (%s; a "
                          "lock older than %.0f minutes is removed)", lock.parent.name, lock,
                          stale_after / 60)
-                said.add(lock)
+                said = True
             time.sleep(poll)
     return removed
 

@@ -133,7 +133,8 @@ def clip_search(engine, model, dataset, cfg, device) -> dict:
     batch_size = int(cfg.loader.eval_batch_size)
     n_batches = min(CLIP_SEARCH_BATCHES, math.ceil(len(dataset) / (batch_size * world)))
     block = model.config.blocks
-    sums = torch.zeros(len(windows), n_batches, 3, dtype=torch.float64)  # n, sum, squares
+    # n, sum, squares of each window's per-block means, on the device (no sync per window)
+    sums = torch.zeros(len(windows), n_batches, 3, dtype=torch.float64, device=device)
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed) + 20_000 * rank)
     for b in range(n_batches):
         first = (b * world + rank) * batch_size
@@ -146,9 +147,10 @@ def clip_search(engine, model, dataset, cfg, device) -> dict:
             with clip_bounds(model, *window):
                 nlls = engine(input_ids, mask, generator=generator).nlls
             per_block = nlls.double().reshape(nlls.shape[0], -1, block).mean(-1).flatten()
-            sums[w, b] = torch.stack([torch.tensor(float(per_block.numel())),
-                                      per_block.sum().cpu(), (per_block ** 2).sum().cpu()])
-    sums = D.all_reduce(sums.to(device)).cpu()
+            sums[w, b, 0] = per_block.numel()
+            sums[w, b, 1] = per_block.sum()
+            sums[w, b, 2] = (per_block ** 2).sum()
+    sums = D.all_reduce(sums).cpu()
     n, total, squares = sums.unbind(-1)
     variance = ((squares - total ** 2 / n.clamp_min(1)) / (n - 1).clamp_min(1)).sum(-1)
     best = windows[int(variance.argmin())]

@@ -87,9 +87,7 @@ def open_split(cfg, kind: str, tokenizer, progress: bool = True) -> fmt.ShardDat
     spec = build_spec(cfg, kind)
     directory = ensure_shards(spec, tokenizer, progress)
     expect = {"vocab_hash": vocab_hash(tokenizer), "vocab_size": len(tokenizer),
-              "block_size": spec.block_size, "mode": "wrap" if spec.wrap else "pad"}
-    if spec.wrap:
-        expect |= {"block_framing": "[BOS] ... [EOS]" if spec.special else "none",
-                   "document_eos": spec.doc_eos}
+              "block_size": spec.block_size, "mode": "wrap" if spec.wrap else "pad",
+              **spec.framing()}  # None in pad mode: not checked
     verify = bool(cfg.get("shards", {}).get("verify_checksums", True))
     return fmt.ShardDataset(directory, expect=expect, verify=verify)

@@ -82,6 +82,14 @@ class BuildSpec:
         return {k: v for k, v in (("special", self.special), ("doc_eos", self.doc_eos))
                 if not v}
 
+    def framing(self) -> dict:
+        """``meta.json``'s record of the framing (None in pad mode), which runs opening the
+        shards expect to match."""
+        if not self.wrap:
+            return {"block_framing": None, "document_eos": None}
+        return {"block_framing": fmt.FRAMED if self.special else "none",
+                "document_eos": self.doc_eos}
+
 
 def block_size_for(dataset: str, split: str, length: int) -> int:
     """Blocks are twice model.length for text8-crop training (the model crops them)."""
@@ -327,8 +335,7 @@ def _meta(spec: BuildSpec, tokenizer, state: dict, bos: int, eos: int, dtype) ->
         "mode": "wrap" if spec.wrap else "pad",
         "wrap_group_docs": spec.wrap_group_docs if spec.wrap else None,
         "wrap_group_procs": spec.wrap_group_procs if spec.wrap else None,
-        "block_framing": ("[BOS] ... [EOS]" if spec.special else "none") if spec.wrap else None,
-        "document_eos": spec.doc_eos if spec.wrap else None,
+        **spec.framing(),
         "dtype": np.dtype(dtype).name,
         "num_documents": state["docs_done"],
         "num_sequences": sum(s["sequences"] for s in state["shards"]),

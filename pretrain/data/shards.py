@@ -97,6 +97,8 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
+FRAMED = "[BOS] ... [EOS]"  # meta.json's block_framing of wrap-mode rows framed as the release
+
 def read_meta(directory: Path) -> dict:
     path = Path(directory) / META
     if not path.is_file():
@@ -143,7 +145,7 @@ class ShardDataset:
             "document_eos": f"data.insert_{split}_eos",
         }
         # wrap-mode shards built before the framing was recorded were framed, with EOS
-        legacy = {"block_framing": "[BOS] ... [EOS]", "document_eos": True}
+        legacy = {"block_framing": FRAMED, "document_eos": True}
         for key, value in expect.items():
             have = self.meta.get(key, legacy.get(key) if self.meta.get("mode") == "wrap"
                                  else None)
